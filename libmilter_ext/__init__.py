@@ -1,0 +1,382 @@
+"""Write Sendmail/Postfix milters in Python on Sendmail's libmilter.
+
+Subclass :class:`Milter` (one instance per SMTP connection), override the
+callbacks you need, and start it with :func:`run`::
+
+    class Hello(libmilter_ext.Milter):
+        def envfrom(self, sender, *params):
+            if sender == "<spam@example.com>":
+                self.setreply("550", "5.7.1", "go away")
+                return libmilter_ext.REJECT
+            return libmilter_ext.CONTINUE
+
+    libmilter_ext.run(Hello, "unix:/run/hello.sock", "hello")
+
+Stages you don't override are never sent by the MTA, stages decorated with
+:func:`noreply` don't make the MTA wait for an answer, and an exception in a
+callback is logged and answered with :attr:`Milter.failsafe`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+from typing import Any, Callable, ClassVar
+
+from . import _milter
+from ._milter import (  # noqa: F401  (re-exported)
+    SMFIF_ADDHDRS,
+    SMFIF_ADDRCPT,
+    SMFIF_ADDRCPT_PAR,
+    SMFIF_CHGBODY,
+    SMFIF_CHGFROM,
+    SMFIF_CHGHDRS,
+    SMFIF_DELRCPT,
+    SMFIF_QUARANTINE,
+    SMFIF_SETSYMLIST,
+    SMFIM_CONNECT,
+    SMFIM_DATA,
+    SMFIM_ENVFROM,
+    SMFIM_ENVRCPT,
+    SMFIM_EOH,
+    SMFIM_EOM,
+    SMFIM_HELO,
+    SMFIP_HDR_LEADSPC,
+    SMFIP_NOBODY,
+    SMFIP_NOCONNECT,
+    SMFIP_NODATA,
+    SMFIP_NOEOH,
+    SMFIP_NOHDRS,
+    SMFIP_NOHELO,
+    SMFIP_NOMAIL,
+    SMFIP_NORCPT,
+    SMFIP_NOUNKNOWN,
+    SMFIP_NR_BODY,
+    SMFIP_NR_CONN,
+    SMFIP_NR_DATA,
+    SMFIP_NR_EOH,
+    SMFIP_NR_HDR,
+    SMFIP_NR_HELO,
+    SMFIP_NR_MAIL,
+    SMFIP_NR_RCPT,
+    SMFIP_NR_UNKN,
+    SMFIP_RCPT_REJ,
+    SMFIP_SKIP,
+    Context,
+    MilterError,
+    StageError,
+)
+
+__all__ = [
+    "ACCEPT", "CONTINUE", "DISCARD", "NOREPLY", "REJECT", "SKIP", "TEMPFAIL",
+    "Context", "Milter", "MilterError", "StageError", "noreply", "run", "version",
+]
+
+log = logging.getLogger(__name__)
+
+CONTINUE: int = _milter.SMFIS_CONTINUE
+REJECT: int = _milter.SMFIS_REJECT
+DISCARD: int = _milter.SMFIS_DISCARD
+ACCEPT: int = _milter.SMFIS_ACCEPT
+TEMPFAIL: int = _milter.SMFIS_TEMPFAIL
+NOREPLY: int = _milter.SMFIS_NOREPLY
+SKIP: int = _milter.SMFIS_SKIP
+
+VERDICT_NAMES = {
+    CONTINUE: "continue", REJECT: "reject", DISCARD: "discard", ACCEPT: "accept",
+    TEMPFAIL: "tempfail", NOREPLY: "noreply", SKIP: "skip",
+}
+
+ALL_ACTIONS = (SMFIF_ADDHDRS | SMFIF_CHGBODY | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS
+               | SMFIF_QUARANTINE | SMFIF_CHGFROM | SMFIF_ADDRCPT_PAR)
+
+# stage method -> (protocol bit that skips it, protocol bit that makes it no-reply)
+_STAGES = {
+    "connect": (SMFIP_NOCONNECT, SMFIP_NR_CONN),
+    "helo": (SMFIP_NOHELO, SMFIP_NR_HELO),
+    "envfrom": (SMFIP_NOMAIL, SMFIP_NR_MAIL),
+    "envrcpt": (SMFIP_NORCPT, SMFIP_NR_RCPT),
+    "data": (SMFIP_NODATA, SMFIP_NR_DATA),
+    "unknown": (SMFIP_NOUNKNOWN, SMFIP_NR_UNKN),
+    "header": (SMFIP_NOHDRS, SMFIP_NR_HDR),
+    "eoh": (SMFIP_NOEOH, SMFIP_NR_EOH),
+    "body": (SMFIP_NOBODY, SMFIP_NR_BODY),
+}
+
+_MACRO_STAGES = {
+    "connect": SMFIM_CONNECT, "helo": SMFIM_HELO, "envfrom": SMFIM_ENVFROM,
+    "envrcpt": SMFIM_ENVRCPT, "data": SMFIM_DATA, "eoh": SMFIM_EOH, "eom": SMFIM_EOM,
+}
+
+_REPLY_LINE_MAX = 400  # SMTP allows 512 octets per reply line, code included
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def noreply(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a stage callback as not answering: the MTA won't wait for it.
+
+    A verdict it returns anyway (or the fail-safe of an exception) is not lost:
+    it is given at the next stage that answers.
+    """
+    method._milter_noreply = True  # type: ignore[attr-defined]
+    return method
+
+
+def version() -> tuple[int, int, int]:
+    """The (major, minor, patch) version of the libmilter in use."""
+    return _milter.version()
+
+
+class Milter:
+    """Base class of a milter: one instance per SMTP connection.
+
+    Class attributes to override:
+      failsafe  verdict after an exception in a callback (default TEMPFAIL)
+      macros    {stage: "macro names"} the MTA should send at that stage
+      actions   SMFIF_* flags wanted (default: every action the MTA offers)
+      protocol  extra SMFIP_* flags wanted (e.g. SMFIP_HDR_LEADSPC)
+    """
+
+    failsafe: ClassVar[int] = TEMPFAIL
+    macros: ClassVar[dict[str, str]] = {}
+    actions: ClassVar[int | None] = None
+    protocol: ClassVar[int] = 0
+
+    _ctx: Context
+    _protocol_cache: ClassVar[dict[type, int]] = {}
+
+    # -- callbacks (override what you need) ----------------------------------
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        """Client connected; hostaddr is (ip, port), (ip, port, flow, scope), a path or None."""
+        return CONTINUE
+
+    def helo(self, name: str) -> int:
+        """HELO/EHLO argument."""
+        return CONTINUE
+
+    def envfrom(self, sender: str, *params: str) -> int:
+        """MAIL FROM address (with angle brackets) and ESMTP parameters."""
+        return CONTINUE
+
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        """RCPT TO address and ESMTP parameters."""
+        return CONTINUE
+
+    def data(self) -> int:
+        """DATA command."""
+        return CONTINUE
+
+    def unknown(self, command: str) -> int:
+        """An SMTP command the MTA does not know."""
+        return CONTINUE
+
+    def header(self, name: str, value: str) -> int:
+        """One header field (8-bit bytes arrive as surrogate escapes)."""
+        return CONTINUE
+
+    def eoh(self) -> int:
+        """End of headers."""
+        return CONTINUE
+
+    def body(self, chunk: bytes) -> int:
+        """A chunk of the body."""
+        return CONTINUE
+
+    def eom(self) -> int:
+        """End of message: the only place for header/recipient/body actions."""
+        return CONTINUE
+
+    def abort(self) -> None:
+        """The current message was aborted (RSET, error, disconnect)."""
+
+    def close(self) -> None:
+        """The connection is gone: release resources."""
+
+    def on_exception(self, stage: str, exc: BaseException) -> int:
+        """A callback raised: log it and answer the fail-safe verdict."""
+        log.error("exception in %s callback: %s", stage, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        return self.failsafe
+
+    # -- negotiation ---------------------------------------------------------
+    @classmethod
+    def protocol_flags(cls) -> int:
+        """SMFIP_* flags for this class: skip stages not overridden, no-reply where marked."""
+        cached = Milter._protocol_cache.get(cls)
+        if cached is not None:
+            return cached
+        flags = cls.protocol
+        for name, (skip_bit, noreply_bit) in _STAGES.items():
+            method = getattr(cls, name)
+            if method is getattr(Milter, name):
+                flags |= skip_bit
+            elif getattr(method, "_milter_noreply", False):
+                flags |= noreply_bit
+        Milter._protocol_cache[cls] = flags
+        return flags
+
+    def _negotiate(self, offered_actions: int, offered_protocol: int) -> tuple[int, int]:
+        """Called by the C layer first on each connection: answer (actions, protocol)."""
+        wanted = ALL_ACTIONS if self.actions is None else self.actions
+        if self.macros:
+            wanted |= SMFIF_SETSYMLIST
+        actions = wanted & offered_actions
+        protocol = self.protocol_flags() & offered_protocol
+        if self.macros and actions & SMFIF_SETSYMLIST:
+            for stage, names in self.macros.items():
+                self._ctx.setsymlist(_MACRO_STAGES[stage], names)
+        return actions, protocol
+
+    # -- actions -------------------------------------------------------------
+    def getsymval(self, name: str) -> str | None:
+        """Value of a macro such as "i" or "{auth_authen}" (None if not sent)."""
+        return self._ctx.getsymval(name)
+
+    def setreply(self, rcode: str, xcode: str | None = None, *lines: str | None) -> None:
+        """Set the SMTP reply for a REJECT/TEMPFAIL; text of any kind is made safe."""
+        rcode = str(rcode)
+        if not re.fullmatch(r"[45]\d\d", rcode):
+            raise ValueError(f"setreply: reply code must be 4xx or 5xx, not {rcode!r}")
+        if xcode is not None and not re.fullmatch(rf"{rcode[0]}\.\d{{1,3}}\.\d{{1,3}}", xcode):
+            raise ValueError(f"setreply: extended code {xcode!r} does not fit {rcode}")
+        safe = reply_lines(lines)
+        self._ctx.setreply(rcode, xcode, *safe)
+
+    def addheader(self, name: str, value: str | bytes, idx: int = -1) -> None:
+        """Append a header, or insert it at position idx (0 = top)."""
+        self._ctx.addheader(name, value, idx)
+
+    def chgheader(self, name: str, idx: int, value: str | bytes | None = None) -> None:
+        """Change the idx-th (1-based) field called name; value None deletes it."""
+        self._ctx.chgheader(name, idx, value)
+
+    def addrcpt(self, recipient: str, params: str | None = None) -> None:
+        """Add an envelope recipient (with ESMTP parameters)."""
+        self._ctx.addrcpt(recipient, params)
+
+    def delrcpt(self, recipient: str) -> None:
+        """Remove an envelope recipient."""
+        self._ctx.delrcpt(recipient)
+
+    def chgfrom(self, sender: str, params: str | None = None) -> None:
+        """Change the envelope sender (with ESMTP parameters)."""
+        self._ctx.chgfrom(sender, params)
+
+    def replacebody(self, chunk: bytes) -> None:
+        """Replace the body; call repeatedly to send it in pieces."""
+        self._ctx.replacebody(chunk)
+
+    def quarantine(self, reason: str) -> None:
+        """Put the message in the MTA's quarantine."""
+        self._ctx.quarantine(reason)
+
+    def progress(self) -> None:
+        """Tell the MTA we are still working (resets its timeout)."""
+        self._ctx.progress()
+
+
+def reply_lines(texts: tuple[str | None, ...] | list[str | None]) -> list[str]:
+    """Make reply text safe for libmilter: no CR/LF or controls, `%` doubled, short lines."""
+    out: list[str] = []
+    for text in texts:
+        if text is None:
+            continue
+        for part in re.split(r"\r\n|\r|\n", str(text)):
+            part = _CONTROL.sub(" ", part).replace("\t", " ")
+            while len(part) > _REPLY_LINE_MAX:
+                cut = part.rfind(" ", 0, _REPLY_LINE_MAX)
+                cut = cut if cut > _REPLY_LINE_MAX // 2 else _REPLY_LINE_MAX
+                out.append(part[:cut])
+                part = part[cut:].lstrip(" ")
+            out.append(part)
+    out = [line.replace("%", "%%") for line in out][:32]
+    if len(out) == 1 and not out[0]:
+        return []
+    return out
+
+
+def _error_hook(handler: Milter | None, stage: str, exc: BaseException) -> int:
+    if handler is None:
+        log.error("cannot create the milter for a connection (%s): %s", stage, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        return TEMPFAIL
+    return handler.on_exception(stage, exc)
+
+
+def register(factory: Callable[[], Milter], name: str) -> None:
+    """Register the milter class (or factory) with libmilter under name."""
+
+    def make(ctx: Context) -> Milter:
+        milter = factory()
+        milter._ctx = ctx
+        return milter
+
+    _milter.register(name, make, _error_hook, ALL_ACTIONS | SMFIF_SETSYMLIST)
+
+
+def open_socket(spec: str, *, remove_stale: bool = True) -> None:
+    """Create the listening socket now (before dropping privileges, say)."""
+    _milter.setconn(spec)
+    _milter.opensocket(remove_stale)
+
+
+def stop() -> None:
+    """Ask a running :func:`main` to return."""
+    _milter.stop()
+
+
+def main(*, on_hup: Callable[[], None] | None = None) -> None:
+    """Run libmilter's loop until stopped; SIGTERM/SIGINT stop it.
+
+    smfi_main runs in a helper thread so that the Python main thread keeps
+    receiving signals: SIGHUP calls on_hup (e.g. reload a config) instead of
+    stopping the milter, which is what libmilter alone would do.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        _milter.main()
+        return
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            _milter.main()
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP and on_hup is not None:
+            on_hup()
+        else:
+            _milter.stop()
+
+    previous = {s: signal.signal(s, on_signal)
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if errors:
+        raise errors[0]
+
+
+def run(factory: Callable[[], Milter], socket: str, name: str, *, timeout: int = 600,
+        backlog: int | None = None, debug: int = 0, remove_stale: bool = True,
+        on_hup: Callable[[], None] | None = None) -> None:
+    """Register, open the socket and serve until SIGTERM/SIGINT.
+
+    socket: "unix:/path" (or "local:"), "inet:PORT@HOST", "inet6:PORT@HOST".
+    """
+    register(factory, name)
+    _milter.settimeout(timeout)
+    if backlog is not None:
+        _milter.setbacklog(backlog)
+    if debug:
+        _milter.setdbg(debug)
+    open_socket(socket, remove_stale=remove_stale)
+    main(on_hup=on_hup)

@@ -1,0 +1,1183 @@
+/*
+ * _milter.c -- thin binding of Sendmail's libmilter for Python.
+ *
+ * The C layer only translates: libmilter callbacks become method calls on the
+ * Python handler object of the SMTP connection, and libmilter actions become
+ * methods of a Context object.  Policy (what to negotiate, what to answer on an
+ * exception) lives in the Python layer, libmilter_ext/__init__.py.
+ *
+ * Threading: Debian's libmilter runs one connection's callbacks on whichever
+ * worker thread is free, so every callback takes the GIL with PyGILState_Ensure
+ * and gives it back before returning; nothing thread-specific is kept per
+ * connection.  Every libmilter call that may block (smfi_main, writes to the MTA)
+ * runs with the GIL released.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <libmilter/mfapi.h>
+#include <libmilter/mfdef.h>
+
+/* Stages: index into stage_names and the method called on the handler. */
+enum stage {
+    ST_IDLE = 0,
+    ST_NEGOTIATE,
+    ST_CONNECT,
+    ST_HELO,
+    ST_ENVFROM,
+    ST_ENVRCPT,
+    ST_DATA,
+    ST_UNKNOWN,
+    ST_HEADER,
+    ST_EOH,
+    ST_BODY,
+    ST_EOM,
+    ST_ABORT,
+    ST_CLOSE,
+    ST_COUNT
+};
+
+static const char *const stage_names[ST_COUNT] = {
+    "idle", "negotiate", "connect", "helo", "envfrom", "envrcpt", "data",
+    "unknown", "header", "eoh", "body", "eom", "abort", "close",
+};
+
+/* The no-reply protocol bit of each stage (0: the stage always replies). */
+static const unsigned long stage_nr_bit[ST_COUNT] = {
+    [ST_CONNECT] = SMFIP_NR_CONN, [ST_HELO] = SMFIP_NR_HELO,
+    [ST_ENVFROM] = SMFIP_NR_MAIL, [ST_ENVRCPT] = SMFIP_NR_RCPT,
+    [ST_DATA] = SMFIP_NR_DATA,    [ST_UNKNOWN] = SMFIP_NR_UNKN,
+    [ST_HEADER] = SMFIP_NR_HDR,   [ST_EOH] = SMFIP_NR_EOH,
+    [ST_BODY] = SMFIP_NR_BODY,
+};
+
+#define NO_VERDICT (-1)
+
+/* Process-wide state: libmilter itself is a process-wide singleton. */
+static struct {
+    PyObject *factory;     /* callable(ctx) -> handler */
+    PyObject *error_hook;  /* callable(handler, stage, exc) -> verdict */
+    PyObject *method_names[ST_COUNT];
+    PyObject *negotiate_name;
+    PyObject *error;       /* libmilter_ext._milter.MilterError */
+    PyObject *stage_error; /* ... .StageError(MilterError) */
+    char *name;            /* registered filter name (libmilter keeps the pointer) */
+} S;
+
+typedef struct {
+    PyObject_HEAD
+    SMFICTX *ctx;          /* NULL once the connection is closed */
+    PyObject *handler;
+    unsigned long actions; /* negotiated SMFIF_* */
+    unsigned long protocol;/* negotiated SMFIP_* */
+    int stage;             /* callback running now, ST_IDLE between callbacks */
+    int pending;           /* verdict from a no-reply stage, given at the next reply */
+    int pending_in_message;/* that verdict belongs to the current message */
+} ContextObject;
+
+static PyTypeObject Context_Type;
+
+/* ---- helpers ---------------------------------------------------------- */
+
+static PyObject *
+decode(const char *s, Py_ssize_t len)
+{
+    if (s == NULL)
+        Py_RETURN_NONE;
+    if (len < 0)
+        len = (Py_ssize_t)strlen(s);
+    return PyUnicode_DecodeUTF8(s, len, "surrogateescape");
+}
+
+/* Convert str (UTF-8, surrogateescape) or bytes to a new bytes object without NULs. */
+static PyObject *
+encode(PyObject *obj, const char *what)
+{
+    PyObject *b;
+
+    if (PyUnicode_Check(obj))
+        b = PyUnicode_AsEncodedString(obj, "utf-8", "surrogateescape");
+    else if (PyBytes_Check(obj)) {
+        b = obj;
+        Py_INCREF(b);
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s must be str or bytes, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    if (b != NULL && memchr(PyBytes_AS_STRING(b), '\0', PyBytes_GET_SIZE(b)) != NULL) {
+        Py_DECREF(b);
+        PyErr_Format(PyExc_ValueError, "%s must not contain NUL characters", what);
+        return NULL;
+    }
+    return b;
+}
+
+/* Optional str/bytes argument: None gives NULL with *out = NULL and success. */
+static int
+encode_opt(PyObject *obj, const char *what, PyObject **out)
+{
+    *out = NULL;
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    *out = encode(obj, what);
+    return *out == NULL ? -1 : 0;
+}
+
+static PyObject *
+check_result(int rc, const char *call)
+{
+    if (rc != MI_SUCCESS) {
+        PyErr_Format(S.error, "%s failed", call);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The context may act now: inside a callback of the given stage (mask) with the
+ * given action flag negotiated.  stages is a bitmask of (1 << stage). */
+static int
+usable(ContextObject *self, const char *action, unsigned int stages,
+       unsigned long flag, const char *flagname)
+{
+    if (self->ctx == NULL) {
+        PyErr_Format(S.stage_error, "%s: the connection is closed", action);
+        return 0;
+    }
+    if (self->stage == ST_IDLE) {
+        PyErr_Format(S.stage_error, "%s: only callable inside a milter callback", action);
+        return 0;
+    }
+    if (stages != 0 && (stages & (1u << self->stage)) == 0) {
+        PyErr_Format(S.stage_error, "%s is not allowed in %s (%s)", action,
+                     stage_names[self->stage],
+                     stages == (1u << ST_EOM) ? "only in eom"
+                     : stages == (1u << ST_NEGOTIATE) ? "only in negotiate"
+                                                     : "wrong stage");
+        return 0;
+    }
+    if (flag != 0 && (self->actions & flag) == 0) {
+        PyErr_Format(S.stage_error, "%s needs the %s action, which was not negotiated",
+                     action, flagname);
+        return 0;
+    }
+    return 1;
+}
+
+#define EOM_ONLY (1u << ST_EOM)
+#define ANY_STAGE 0u
+
+/* ---- Context methods: the libmilter actions ---------------------------- */
+
+static PyObject *
+Context_getsymval(ContextObject *self, PyObject *arg)
+{
+    PyObject *b, *res;
+    char *v;
+
+    if (!usable(self, "getsymval", ANY_STAGE, 0, NULL))
+        return NULL;
+    if ((b = encode(arg, "macro name")) == NULL)
+        return NULL;
+    v = smfi_getsymval(self->ctx, PyBytes_AS_STRING(b));
+    res = decode(v, -1);
+    Py_DECREF(b);
+    return res;
+}
+
+static PyObject *
+Context_setsymlist(ContextObject *self, PyObject *args)
+{
+    int where;
+    PyObject *macros, *b;
+    int rc;
+
+    if (!PyArg_ParseTuple(args, "iO:setsymlist", &where, &macros))
+        return NULL;
+    if (!usable(self, "setsymlist", 1u << ST_NEGOTIATE, 0, NULL))
+        return NULL;
+    if ((b = encode(macros, "macro list")) == NULL)
+        return NULL;
+    rc = smfi_setsymlist(self->ctx, where, PyBytes_AS_STRING(b));
+    Py_DECREF(b);
+    return check_result(rc, "smfi_setsymlist");
+}
+
+/* setreply(rcode, xcode=None, *lines): one line -> smfi_setreply, several ->
+ * smfi_setmlreply.  Text must already be safe (the Python layer makes it so). */
+static PyObject *
+Context_setreply(ContextObject *self, PyObject *args)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(args), i, nlines;
+    PyObject *rcode = NULL, *xcode = NULL, *lines[32] = {0};
+    const char *l[33] = {0};
+    int rc = MI_FAILURE;
+    PyObject *res = NULL;
+
+    if (n < 1) {
+        PyErr_SetString(PyExc_TypeError, "setreply() needs at least the reply code");
+        return NULL;
+    }
+    nlines = n > 2 ? n - 2 : 0;
+    if (nlines > 32) {
+        PyErr_SetString(PyExc_ValueError, "setreply: at most 32 lines");
+        return NULL;
+    }
+    if (!usable(self, "setreply", ANY_STAGE, 0, NULL))
+        return NULL;
+    if ((rcode = encode(PyTuple_GET_ITEM(args, 0), "rcode")) == NULL)
+        goto done;
+    if (n > 1 && encode_opt(PyTuple_GET_ITEM(args, 1), "xcode", &xcode) < 0)
+        goto done;
+    for (i = 0; i < nlines; i++) {
+        if ((lines[i] = encode(PyTuple_GET_ITEM(args, i + 2), "reply line")) == NULL)
+            goto done;
+        l[i] = PyBytes_AS_STRING(lines[i]);
+    }
+    if (nlines <= 1)
+        rc = smfi_setreply(self->ctx, PyBytes_AS_STRING(rcode),
+                           xcode ? PyBytes_AS_STRING(xcode) : NULL, (char *)l[0]);
+    else
+        rc = smfi_setmlreply(self->ctx, PyBytes_AS_STRING(rcode),
+                             xcode ? PyBytes_AS_STRING(xcode) : NULL, l[0], l[1], l[2],
+                             l[3], l[4], l[5], l[6], l[7], l[8], l[9], l[10], l[11], l[12],
+                             l[13], l[14], l[15], l[16], l[17], l[18], l[19], l[20], l[21],
+                             l[22], l[23], l[24], l[25], l[26], l[27], l[28], l[29], l[30],
+                             l[31], (char *)NULL);
+    res = check_result(rc, nlines <= 1 ? "smfi_setreply" : "smfi_setmlreply");
+done:
+    Py_XDECREF(rcode);
+    Py_XDECREF(xcode);
+    for (i = 0; i < nlines; i++)
+        Py_XDECREF(lines[i]);
+    return res;
+}
+
+static PyObject *
+Context_addheader(ContextObject *self, PyObject *args)
+{
+    PyObject *name, *value, *bn, *bv;
+    int idx = -1, rc;
+
+    if (!PyArg_ParseTuple(args, "OO|i:addheader", &name, &value, &idx))
+        return NULL;
+    if (!usable(self, "addheader", EOM_ONLY, SMFIF_ADDHDRS, "SMFIF_ADDHDRS"))
+        return NULL;
+    if ((bn = encode(name, "header name")) == NULL)
+        return NULL;
+    if ((bv = encode(value, "header value")) == NULL) {
+        Py_DECREF(bn);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (idx < 0)
+        rc = smfi_addheader(self->ctx, PyBytes_AS_STRING(bn), PyBytes_AS_STRING(bv));
+    else
+        rc = smfi_insheader(self->ctx, idx, PyBytes_AS_STRING(bn), PyBytes_AS_STRING(bv));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bn);
+    Py_DECREF(bv);
+    return check_result(rc, idx < 0 ? "smfi_addheader" : "smfi_insheader");
+}
+
+static PyObject *
+Context_chgheader(ContextObject *self, PyObject *args)
+{
+    PyObject *name, *value = Py_None, *bn, *bv;
+    int idx, rc;
+
+    if (!PyArg_ParseTuple(args, "Oi|O:chgheader", &name, &idx, &value))
+        return NULL;
+    if (!usable(self, "chgheader", EOM_ONLY, SMFIF_CHGHDRS, "SMFIF_CHGHDRS"))
+        return NULL;
+    if ((bn = encode(name, "header name")) == NULL)
+        return NULL;
+    if (encode_opt(value, "header value", &bv) < 0) {
+        Py_DECREF(bn);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_chgheader(self->ctx, PyBytes_AS_STRING(bn), idx,
+                        bv ? PyBytes_AS_STRING(bv) : NULL);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bn);
+    Py_XDECREF(bv);
+    return check_result(rc, "smfi_chgheader");
+}
+
+/* Shared shape of addrcpt/chgfrom: an address and optional ESMTP args. */
+static PyObject *
+address_action(ContextObject *self, PyObject *args, int which)
+{
+    PyObject *addr, *esmtp = Py_None, *ba, *be;
+    int rc;
+    const char *name = which == 0 ? "addrcpt" : "chgfrom";
+    unsigned long flag = which == 0 ? SMFIF_ADDRCPT : SMFIF_CHGFROM;
+
+    if (!PyArg_ParseTuple(args, "O|O", &addr, &esmtp))
+        return NULL;
+    if (which == 0 && esmtp != Py_None)
+        flag = SMFIF_ADDRCPT_PAR;
+    if (!usable(self, name, EOM_ONLY, flag,
+                which == 1 ? "SMFIF_CHGFROM"
+                : flag == SMFIF_ADDRCPT ? "SMFIF_ADDRCPT" : "SMFIF_ADDRCPT_PAR"))
+        return NULL;
+    if ((ba = encode(addr, "address")) == NULL)
+        return NULL;
+    if (encode_opt(esmtp, "ESMTP arguments", &be) < 0) {
+        Py_DECREF(ba);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (which == 1)
+        rc = smfi_chgfrom(self->ctx, PyBytes_AS_STRING(ba), be ? PyBytes_AS_STRING(be) : NULL);
+    else if (be != NULL)
+        rc = smfi_addrcpt_par(self->ctx, PyBytes_AS_STRING(ba), PyBytes_AS_STRING(be));
+    else
+        rc = smfi_addrcpt(self->ctx, PyBytes_AS_STRING(ba));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(ba);
+    Py_XDECREF(be);
+    return check_result(rc, which == 1 ? "smfi_chgfrom"
+                            : be ? "smfi_addrcpt_par" : "smfi_addrcpt");
+}
+
+static PyObject *
+Context_addrcpt(ContextObject *self, PyObject *args)
+{
+    return address_action(self, args, 0);
+}
+
+static PyObject *
+Context_chgfrom(ContextObject *self, PyObject *args)
+{
+    return address_action(self, args, 1);
+}
+
+static PyObject *
+Context_delrcpt(ContextObject *self, PyObject *arg)
+{
+    PyObject *b;
+    int rc;
+
+    if (!usable(self, "delrcpt", EOM_ONLY, SMFIF_DELRCPT, "SMFIF_DELRCPT"))
+        return NULL;
+    if ((b = encode(arg, "address")) == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_delrcpt(self->ctx, PyBytes_AS_STRING(b));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(b);
+    return check_result(rc, "smfi_delrcpt");
+}
+
+static PyObject *
+Context_replacebody(ContextObject *self, PyObject *arg)
+{
+    Py_buffer buf;
+    int rc;
+
+    if (!usable(self, "replacebody", EOM_ONLY, SMFIF_CHGBODY, "SMFIF_CHGBODY"))
+        return NULL;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (buf.len > INT_MAX) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "replacebody: chunk too large");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_replacebody(self->ctx, (unsigned char *)buf.buf, (int)buf.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    return check_result(rc, "smfi_replacebody");
+}
+
+static PyObject *
+Context_quarantine(ContextObject *self, PyObject *arg)
+{
+    PyObject *b;
+    int rc;
+
+    if (!usable(self, "quarantine", EOM_ONLY, SMFIF_QUARANTINE, "SMFIF_QUARANTINE"))
+        return NULL;
+    if ((b = encode(arg, "reason")) == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_quarantine(self->ctx, PyBytes_AS_STRING(b));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(b);
+    return check_result(rc, "smfi_quarantine");
+}
+
+static PyObject *
+Context_progress(ContextObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int rc;
+
+    if (!usable(self, "progress", EOM_ONLY, 0, NULL))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_progress(self->ctx);
+    Py_END_ALLOW_THREADS
+    return check_result(rc, "smfi_progress");
+}
+
+static PyMethodDef Context_methods[] = {
+    {"getsymval", (PyCFunction)Context_getsymval, METH_O, "Value of a macro, or None."},
+    {"setsymlist", (PyCFunction)Context_setsymlist, METH_VARARGS,
+     "Macros wanted at a stage (negotiate only)."},
+    {"setreply", (PyCFunction)Context_setreply, METH_VARARGS,
+     "setreply(rcode, xcode=None, *lines): SMTP reply for a reject/tempfail."},
+    {"addheader", (PyCFunction)Context_addheader, METH_VARARGS,
+     "addheader(name, value, idx=-1): append, or insert at idx."},
+    {"chgheader", (PyCFunction)Context_chgheader, METH_VARARGS,
+     "chgheader(name, idx, value=None): change the idx-th (1-based) field; None deletes."},
+    {"addrcpt", (PyCFunction)Context_addrcpt, METH_VARARGS, "addrcpt(rcpt, args=None)."},
+    {"delrcpt", (PyCFunction)Context_delrcpt, METH_O, "delrcpt(rcpt)."},
+    {"chgfrom", (PyCFunction)Context_chgfrom, METH_VARARGS, "chgfrom(sender, args=None)."},
+    {"replacebody", (PyCFunction)Context_replacebody, METH_O, "Replace body (chunked)."},
+    {"quarantine", (PyCFunction)Context_quarantine, METH_O, "Quarantine the message."},
+    {"progress", (PyCFunction)Context_progress, METH_NOARGS, "Tell the MTA we are alive."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+Context_get_stage(ContextObject *self, void *Py_UNUSED(closure))
+{
+    return PyUnicode_FromString(stage_names[self->stage]);
+}
+
+static PyObject *
+Context_get_actions(ContextObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLong(self->actions);
+}
+
+static PyObject *
+Context_get_protocol(ContextObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLong(self->protocol);
+}
+
+static PyObject *
+Context_get_closed(ContextObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->ctx == NULL);
+}
+
+static PyGetSetDef Context_getset[] = {
+    {"stage", (getter)Context_get_stage, NULL, "Callback running now ('idle' outside).", NULL},
+    {"actions", (getter)Context_get_actions, NULL, "Negotiated SMFIF_* flags.", NULL},
+    {"protocol", (getter)Context_get_protocol, NULL, "Negotiated SMFIP_* flags.", NULL},
+    {"closed", (getter)Context_get_closed, NULL, "True once the connection is closed.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static int
+Context_traverse(ContextObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->handler);
+    return 0;
+}
+
+static int
+Context_clear(ContextObject *self)
+{
+    Py_CLEAR(self->handler);
+    return 0;
+}
+
+static void
+Context_dealloc(ContextObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Context_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject Context_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "libmilter_ext._milter.Context",
+    .tp_basicsize = sizeof(ContextObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One SMTP connection as libmilter sees it; its methods are the actions.",
+    .tp_traverse = (traverseproc)Context_traverse,
+    .tp_clear = (inquiry)Context_clear,
+    .tp_dealloc = (destructor)Context_dealloc,
+    .tp_methods = Context_methods,
+    .tp_getset = Context_getset,
+};
+
+/* ---- dispatch: libmilter callback -> handler method --------------------- */
+
+/* Report the exception set now and return the fail-safe verdict to use. */
+static int
+failsafe(ContextObject *c, int stage)
+{
+    PyObject *type, *value, *tb, *res;
+    int verdict = SMFIS_TEMPFAIL;
+
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    if (S.error_hook == NULL || value == NULL) {
+        PyErr_Restore(type, value, tb);
+        PyErr_Print();
+        return verdict;
+    }
+    res = PyObject_CallFunction(S.error_hook, "OsO",
+                                c && c->handler ? c->handler : Py_None,
+                                stage_names[stage], value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (res == NULL) {
+        PyErr_Print();
+        return verdict;
+    }
+    if (PyLong_Check(res))
+        verdict = (int)PyLong_AsLong(res);
+    Py_DECREF(res);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        verdict = SMFIS_TEMPFAIL;
+    }
+    return verdict;
+}
+
+static ContextObject *
+new_context(SMFICTX *ctx)
+{
+    ContextObject *c = PyObject_GC_New(ContextObject, &Context_Type);
+
+    if (c == NULL)
+        return NULL;
+    c->ctx = ctx;
+    c->handler = NULL;
+    c->actions = 0;
+    c->protocol = 0;
+    c->stage = ST_IDLE;
+    c->pending = NO_VERDICT;
+    c->pending_in_message = 0;
+    PyObject_GC_Track(c);
+    if (smfi_setpriv(ctx, c) != MI_SUCCESS) {
+        Py_DECREF(c);
+        PyErr_SetString(S.error, "smfi_setpriv failed");
+        return NULL;
+    }
+    return c;
+}
+
+/* The context of this connection, made (with its handler) on first use.  A
+ * borrowed reference: libmilter's private pointer owns it until close. */
+static ContextObject *
+get_context(SMFICTX *ctx, int stage)
+{
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    PyObject *h;
+
+    if (c != NULL)
+        return c;
+    if ((c = new_context(ctx)) == NULL) {
+        PyErr_Print();
+        return NULL;
+    }
+    h = S.factory ? PyObject_CallOneArg(S.factory, (PyObject *)c) : NULL;
+    if (h == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(S.error, "no milter factory registered");
+        c->pending = failsafe(c, stage);
+        c->pending_in_message = 0;
+    }
+    c->handler = h;
+    return c;
+}
+
+static int
+is_message_stage(int stage)
+{
+    return stage >= ST_ENVFROM && stage != ST_UNKNOWN && stage <= ST_EOM;
+}
+
+/* Map a Python result to a verdict: None or an int. */
+static int
+as_verdict(ContextObject *c, int stage, PyObject *res)
+{
+    long v;
+
+    if (res == NULL)
+        return failsafe(c, stage);
+    if (res == Py_None) {
+        Py_DECREF(res);
+        return SMFIS_CONTINUE;
+    }
+    v = PyLong_Check(res) ? PyLong_AsLong(res) : -1;
+    if (v < 0 || (v > SMFIS_TEMPFAIL && v != SMFIS_NOREPLY && v != SMFIS_SKIP)) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_TypeError, "%s() returned %R, not a verdict",
+                         stage_names[stage], res);
+        Py_DECREF(res);
+        return failsafe(c, stage);
+    }
+    Py_DECREF(res);
+    return (int)v;
+}
+
+/* Apply the no-reply rules: a no-reply stage answers SMFIS_NOREPLY and keeps a
+ * real verdict for the next stage that may answer. */
+static sfsistat
+finish(ContextObject *c, int stage, int verdict)
+{
+    unsigned long bit = stage_nr_bit[stage];
+
+    c->stage = ST_IDLE;
+    if (bit != 0 && (c->protocol & bit) != 0) {
+        if (verdict != SMFIS_CONTINUE && verdict != SMFIS_NOREPLY && c->pending == NO_VERDICT) {
+            c->pending = verdict;
+            c->pending_in_message = is_message_stage(stage);
+        }
+        return SMFIS_NOREPLY;
+    }
+    if (verdict == SMFIS_NOREPLY)
+        verdict = SMFIS_CONTINUE;
+    return verdict;
+}
+
+/* Begin a callback: returns the context, or NULL with *early set when the
+ * callback must answer without running Python. */
+static ContextObject *
+begin(SMFICTX *ctx, int stage, sfsistat *early)
+{
+    ContextObject *c = get_context(ctx, stage);
+    unsigned long bit = stage_nr_bit[stage];
+    int replies = !(bit != 0 && (c != NULL && (c->protocol & bit) != 0));
+
+    if (c == NULL) {
+        *early = SMFIS_TEMPFAIL;
+        return NULL;
+    }
+    if (c->pending != NO_VERDICT && replies && stage != ST_ABORT && stage != ST_CLOSE) {
+        *early = c->pending;
+        c->pending = NO_VERDICT;
+        return NULL;
+    }
+    if (c->handler == NULL) {
+        *early = replies ? SMFIS_TEMPFAIL : SMFIS_NOREPLY;
+        return NULL;
+    }
+    c->stage = stage;
+    return c;
+}
+
+#define CALLBACK_PROLOGUE(stage)                        \
+    PyGILState_STATE gs = PyGILState_Ensure();          \
+    sfsistat early = SMFIS_CONTINUE, r;                 \
+    ContextObject *c = begin(ctx, stage, &early);       \
+    PyObject *res;                                      \
+    if (c == NULL) {                                    \
+        PyGILState_Release(gs);                         \
+        return early;                                   \
+    }
+
+#define CALLBACK_EPILOGUE(stage)                        \
+    r = finish(c, stage, as_verdict(c, stage, res));    \
+    PyGILState_Release(gs);                             \
+    return r;
+
+static PyObject *
+call_method(ContextObject *c, int stage, PyObject *args)
+{
+    PyObject *meth, *res;
+
+    if (args == NULL)
+        return NULL;
+    meth = PyObject_GetAttr(c->handler, S.method_names[stage]);
+    if (meth == NULL) {
+        Py_DECREF(args);
+        return NULL;
+    }
+    res = PyObject_Call(meth, args, NULL);
+    Py_DECREF(meth);
+    Py_DECREF(args);
+    return res;
+}
+
+static PyObject *
+hostaddr_tuple(_SOCK_ADDR *sa, int *family)
+{
+    char ip[INET6_ADDRSTRLEN];
+
+    if (sa == NULL) {
+        *family = AF_UNSPEC;
+        Py_RETURN_NONE;
+    }
+    *family = sa->sa_family;
+    switch (sa->sa_family) {
+    case AF_INET: {
+        struct sockaddr_in *s = (struct sockaddr_in *)sa;
+        if (inet_ntop(AF_INET, &s->sin_addr, ip, sizeof ip) == NULL)
+            break;
+        return Py_BuildValue("(si)", ip, ntohs(s->sin_port));
+    }
+    case AF_INET6: {
+        struct sockaddr_in6 *s = (struct sockaddr_in6 *)sa;
+        if (inet_ntop(AF_INET6, &s->sin6_addr, ip, sizeof ip) == NULL)
+            break;
+        return Py_BuildValue("(siII)", ip, ntohs(s->sin6_port),
+                             (unsigned int)ntohl(s->sin6_flowinfo),
+                             (unsigned int)s->sin6_scope_id);
+    }
+    case AF_UNIX: {
+        struct sockaddr_un *s = (struct sockaddr_un *)sa;
+        return decode(s->sun_path, (Py_ssize_t)strnlen(s->sun_path, sizeof s->sun_path));
+    }
+    default:
+        break;
+    }
+    Py_RETURN_NONE;
+}
+
+static sfsistat
+cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
+{
+    CALLBACK_PROLOGUE(ST_CONNECT)
+    int family;
+    PyObject *addr = hostaddr_tuple(hostaddr, &family);
+    PyObject *host = decode(hostname, -1);
+
+    res = (addr && host) ? call_method(c, ST_CONNECT, Py_BuildValue("(OiO)", host, family, addr))
+                         : NULL;
+    Py_XDECREF(addr);
+    Py_XDECREF(host);
+    CALLBACK_EPILOGUE(ST_CONNECT)
+}
+
+/* Call a method with one decoded string argument. */
+static PyObject *
+call_with_string(ContextObject *c, int stage, const char *s)
+{
+    PyObject *arg = decode(s, -1);
+
+    if (arg == NULL)
+        return NULL;
+    return call_method(c, stage, PyTuple_Pack(1, arg));
+}
+
+static sfsistat
+cb_helo(SMFICTX *ctx, char *helohost)
+{
+    CALLBACK_PROLOGUE(ST_HELO)
+    PyObject *arg = decode(helohost, -1);
+    res = arg ? call_method(c, ST_HELO, PyTuple_Pack(1, arg)) : NULL;
+    Py_XDECREF(arg);
+    CALLBACK_EPILOGUE(ST_HELO)
+}
+
+static PyObject *
+argv_tuple(char **argv)
+{
+    Py_ssize_t n = 0, i;
+    PyObject *t;
+
+    while (argv != NULL && argv[n] != NULL)
+        n++;
+    if ((t = PyTuple_New(n)) == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *s = decode(argv[i], -1);
+        if (s == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
+
+static sfsistat
+cb_envfrom(SMFICTX *ctx, char **argv)
+{
+    CALLBACK_PROLOGUE(ST_ENVFROM)
+    res = call_method(c, ST_ENVFROM, argv_tuple(argv));
+    CALLBACK_EPILOGUE(ST_ENVFROM)
+}
+
+static sfsistat
+cb_envrcpt(SMFICTX *ctx, char **argv)
+{
+    CALLBACK_PROLOGUE(ST_ENVRCPT)
+    res = call_method(c, ST_ENVRCPT, argv_tuple(argv));
+    CALLBACK_EPILOGUE(ST_ENVRCPT)
+}
+
+static sfsistat
+cb_header(SMFICTX *ctx, char *name, char *value)
+{
+    CALLBACK_PROLOGUE(ST_HEADER)
+    PyObject *n = decode(name, -1), *v = decode(value, -1);
+    res = (n && v) ? call_method(c, ST_HEADER, PyTuple_Pack(2, n, v)) : NULL;
+    Py_XDECREF(n);
+    Py_XDECREF(v);
+    CALLBACK_EPILOGUE(ST_HEADER)
+}
+
+static sfsistat
+cb_body(SMFICTX *ctx, unsigned char *chunk, size_t len)
+{
+    CALLBACK_PROLOGUE(ST_BODY)
+    PyObject *b = PyBytes_FromStringAndSize((const char *)chunk, (Py_ssize_t)len);
+    res = b ? call_method(c, ST_BODY, PyTuple_Pack(1, b)) : NULL;
+    Py_XDECREF(b);
+    CALLBACK_EPILOGUE(ST_BODY)
+}
+
+static sfsistat
+cb_unknown(SMFICTX *ctx, const char *cmd)
+{
+    CALLBACK_PROLOGUE(ST_UNKNOWN)
+    res = call_with_string(c, ST_UNKNOWN, cmd);
+    CALLBACK_EPILOGUE(ST_UNKNOWN)
+}
+
+#define SIMPLE_CALLBACK(fname, stage)                           \
+    static sfsistat fname(SMFICTX *ctx)                         \
+    {                                                           \
+        CALLBACK_PROLOGUE(stage)                                \
+        res = call_method(c, stage, PyTuple_New(0));            \
+        CALLBACK_EPILOGUE(stage)                                \
+    }
+
+SIMPLE_CALLBACK(cb_eoh, ST_EOH)
+SIMPLE_CALLBACK(cb_eom, ST_EOM)
+SIMPLE_CALLBACK(cb_data, ST_DATA)
+
+static sfsistat
+cb_abort(SMFICTX *ctx)
+{
+    PyGILState_STATE gs = PyGILState_Ensure();
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    PyObject *res;
+
+    if (c != NULL) {
+        if (c->pending != NO_VERDICT && c->pending_in_message)
+            c->pending = NO_VERDICT;
+        if (c->handler != NULL) {
+            c->stage = ST_ABORT;
+            res = call_method(c, ST_ABORT, PyTuple_New(0));
+            if (res == NULL)
+                (void)failsafe(c, ST_ABORT);
+            Py_XDECREF(res);
+            c->stage = ST_IDLE;
+        }
+    }
+    PyGILState_Release(gs);
+    return SMFIS_CONTINUE;
+}
+
+static sfsistat
+cb_close(SMFICTX *ctx)
+{
+    PyGILState_STATE gs = PyGILState_Ensure();
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    PyObject *res;
+
+    if (c != NULL) {
+        if (c->handler != NULL) {
+            c->stage = ST_CLOSE;
+            res = call_method(c, ST_CLOSE, PyTuple_New(0));
+            if (res == NULL)
+                (void)failsafe(c, ST_CLOSE);
+            Py_XDECREF(res);
+        }
+        c->stage = ST_IDLE;
+        c->ctx = NULL;
+        (void)smfi_setpriv(ctx, NULL);
+        Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
+        Py_DECREF(c);
+    }
+    PyGILState_Release(gs);
+    return SMFIS_CONTINUE;
+}
+
+static sfsistat
+cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
+             unsigned long f3, unsigned long *pf0, unsigned long *pf1, unsigned long *pf2,
+             unsigned long *pf3)
+{
+    PyGILState_STATE gs = PyGILState_Ensure();
+    ContextObject *c = get_context(ctx, ST_NEGOTIATE);
+    PyObject *res = NULL;
+    unsigned long a = 0, p = 0;
+    sfsistat r = SMFIS_ALL_OPTS;
+
+    if (c == NULL || c->handler == NULL) {
+        if (c != NULL) {
+            c->actions = f0;
+            c->protocol = 0;
+        }
+        PyGILState_Release(gs);
+        return SMFIS_ALL_OPTS;
+    }
+    c->stage = ST_NEGOTIATE;
+    {
+        PyObject *meth = PyObject_GetAttr(c->handler, S.negotiate_name);
+        if (meth != NULL) {
+            res = PyObject_CallFunction(meth, "kk", f0, f1);
+            Py_DECREF(meth);
+        }
+    }
+    if (res != NULL && PyArg_ParseTuple(res, "kk", &a, &p)) {
+        *pf0 = a;
+        *pf1 = p;
+        *pf2 = 0;
+        *pf3 = 0;
+        c->actions = a;
+        c->protocol = p;
+        r = SMFIS_CONTINUE;
+    } else {
+        c->pending = failsafe(c, ST_NEGOTIATE);
+        c->pending_in_message = 0;
+        c->actions = f0;
+        c->protocol = 0;
+    }
+    Py_XDECREF(res);
+    (void)f1;
+    (void)f2;
+    (void)f3;
+    c->stage = ST_IDLE;
+    PyGILState_Release(gs);
+    return r;
+}
+
+/* ---- module functions: the daemon side ---------------------------------- */
+
+static PyObject *
+mod_register(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", "factory", "error_hook", "flags", NULL};
+    const char *name;
+    PyObject *factory, *hook = Py_None;
+    unsigned long flags = 0;
+    struct smfiDesc desc;
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO|Ok:register", kwlist, &name, &factory,
+                                     &hook, &flags))
+        return NULL;
+    if (!PyCallable_Check(factory) || (hook != Py_None && !PyCallable_Check(hook))) {
+        PyErr_SetString(PyExc_TypeError, "factory and error_hook must be callable");
+        return NULL;
+    }
+    Py_INCREF(factory);
+    Py_XSETREF(S.factory, factory);
+    if (hook == Py_None)
+        Py_CLEAR(S.error_hook);
+    else {
+        Py_INCREF(hook);
+        Py_XSETREF(S.error_hook, hook);
+    }
+    PyMem_RawFree(S.name);
+    S.name = PyMem_RawMalloc(strlen(name) + 1);
+    if (S.name == NULL)
+        return PyErr_NoMemory();
+    strcpy(S.name, name);
+
+    memset(&desc, 0, sizeof desc);
+    desc.xxfi_name = S.name;
+    desc.xxfi_version = SMFI_VERSION;
+    desc.xxfi_flags = flags;
+    desc.xxfi_connect = cb_connect;
+    desc.xxfi_helo = cb_helo;
+    desc.xxfi_envfrom = cb_envfrom;
+    desc.xxfi_envrcpt = cb_envrcpt;
+    desc.xxfi_header = cb_header;
+    desc.xxfi_eoh = cb_eoh;
+    desc.xxfi_body = cb_body;
+    desc.xxfi_eom = cb_eom;
+    desc.xxfi_abort = cb_abort;
+    desc.xxfi_close = cb_close;
+    desc.xxfi_unknown = cb_unknown;
+    desc.xxfi_data = cb_data;
+    desc.xxfi_negotiate = cb_negotiate;
+    rc = smfi_register(desc);
+    return check_result(rc, "smfi_register");
+}
+
+static PyObject *
+mod_setconn(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    PyObject *b = encode(arg, "socket spec");
+    int rc;
+
+    if (b == NULL)
+        return NULL;
+    /* libmilter keeps the pointer: hand it a copy that lives for the process. */
+    rc = smfi_setconn(strdup(PyBytes_AS_STRING(b)));
+    Py_DECREF(b);
+    return check_result(rc, "smfi_setconn");
+}
+
+static PyObject *
+mod_opensocket(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    int rm = PyObject_IsTrue(arg), rc;
+
+    if (rm < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_opensocket(rm ? true : false);
+    Py_END_ALLOW_THREADS
+    return check_result(rc, "smfi_opensocket");
+}
+
+#define INT_SETTER(fname, call)                                         \
+    static PyObject *fname(PyObject *Py_UNUSED(m), PyObject *arg)       \
+    {                                                                   \
+        long v = PyLong_AsLong(arg);                                    \
+        if (v == -1 && PyErr_Occurred())                                \
+            return NULL;                                                \
+        if (v < 0 || v > INT_MAX) {                                     \
+            PyErr_SetString(PyExc_ValueError, #call ": out of range");  \
+            return NULL;                                                \
+        }                                                               \
+        return check_result(call((int)v), #call);                       \
+    }
+
+INT_SETTER(mod_settimeout, smfi_settimeout)
+INT_SETTER(mod_setbacklog, smfi_setbacklog)
+INT_SETTER(mod_setdbg, smfi_setdbg)
+
+static PyObject *
+mod_setmaxdatasize(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    size_t v = PyLong_AsSize_t(arg);
+
+    if (v == (size_t)-1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromSize_t(smfi_setmaxdatasize(v));
+}
+
+static PyObject *
+mod_main(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    int rc;
+
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_main();
+    Py_END_ALLOW_THREADS
+    return check_result(rc, "smfi_main");
+}
+
+static PyObject *
+mod_stop(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    int rc;
+
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_stop();
+    Py_END_ALLOW_THREADS
+    return check_result(rc, "smfi_stop");
+}
+
+static PyObject *
+mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    unsigned int major = 0, minor = 0, patch = 0;
+
+    smfi_version(&major, &minor, &patch);
+    return Py_BuildValue("(III)", major, minor, patch);
+}
+
+static PyMethodDef module_methods[] = {
+    {"register", (PyCFunction)(void (*)(void))mod_register, METH_VARARGS | METH_KEYWORDS,
+     "register(name, factory, error_hook=None, flags=0): smfi_register with every callback."},
+    {"setconn", mod_setconn, METH_O, "Socket spec: unix:/path, inet:port@host, inet6:port@host."},
+    {"opensocket", mod_opensocket, METH_O, "Open the socket now (argument: remove a stale one)."},
+    {"settimeout", mod_settimeout, METH_O, "Seconds to wait for the MTA."},
+    {"setbacklog", mod_setbacklog, METH_O, "listen() backlog."},
+    {"setdbg", mod_setdbg, METH_O, "libmilter debug level."},
+    {"setmaxdatasize", mod_setmaxdatasize, METH_O, "Largest data packet; returns the old one."},
+    {"main", mod_main, METH_NOARGS, "Run smfi_main (GIL released) until stopped."},
+    {"stop", mod_stop, METH_NOARGS, "Ask smfi_main to return."},
+    {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef milter_module = {
+    PyModuleDef_HEAD_INIT, "libmilter_ext._milter",
+    "Thin binding of Sendmail's libmilter; use the libmilter_ext package.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+static const struct {
+    const char *name;
+    long value;
+} constants[] = {
+#define C(x) {#x, (long)(x)}
+    C(SMFIS_CONTINUE), C(SMFIS_REJECT), C(SMFIS_DISCARD), C(SMFIS_ACCEPT),
+    C(SMFIS_TEMPFAIL), C(SMFIS_NOREPLY), C(SMFIS_SKIP), C(SMFIS_ALL_OPTS),
+    C(SMFIF_ADDHDRS), C(SMFIF_CHGBODY), C(SMFIF_ADDRCPT), C(SMFIF_DELRCPT),
+    C(SMFIF_CHGHDRS), C(SMFIF_QUARANTINE), C(SMFIF_CHGFROM), C(SMFIF_ADDRCPT_PAR),
+    C(SMFIF_SETSYMLIST),
+    C(SMFIP_NOCONNECT), C(SMFIP_NOHELO), C(SMFIP_NOMAIL), C(SMFIP_NORCPT),
+    C(SMFIP_NOBODY), C(SMFIP_NOHDRS), C(SMFIP_NOEOH), C(SMFIP_NR_HDR), C(SMFIP_NOHREPL),
+    C(SMFIP_NOUNKNOWN), C(SMFIP_NODATA), C(SMFIP_SKIP), C(SMFIP_RCPT_REJ),
+    C(SMFIP_NR_CONN), C(SMFIP_NR_HELO), C(SMFIP_NR_MAIL), C(SMFIP_NR_RCPT),
+    C(SMFIP_NR_DATA), C(SMFIP_NR_UNKN), C(SMFIP_NR_EOH), C(SMFIP_NR_BODY),
+    C(SMFIP_HDR_LEADSPC),
+    C(SMFIM_CONNECT), C(SMFIM_HELO), C(SMFIM_ENVFROM), C(SMFIM_ENVRCPT),
+    C(SMFIM_DATA), C(SMFIM_EOM), C(SMFIM_EOH),
+#undef C
+};
+
+PyMODINIT_FUNC
+PyInit__milter(void)
+{
+    PyObject *m;
+    size_t i;
+
+    if (PyType_Ready(&Context_Type) < 0)
+        return NULL;
+    if ((m = PyModule_Create(&milter_module)) == NULL)
+        return NULL;
+    for (i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
+            goto fail;
+    for (i = 1; i < ST_COUNT; i++)
+        if ((S.method_names[i] = PyUnicode_InternFromString(stage_names[i])) == NULL)
+            goto fail;
+    if ((S.negotiate_name = PyUnicode_InternFromString("_negotiate")) == NULL)
+        goto fail;
+    S.error = PyErr_NewExceptionWithDoc("libmilter_ext._milter.MilterError",
+                                        "A libmilter call failed.", NULL, NULL);
+    if (S.error == NULL)
+        goto fail;
+    Py_INCREF(S.error);
+    if (PyModule_AddObject(m, "MilterError", S.error) < 0)
+        goto fail;
+    S.stage_error = PyErr_NewExceptionWithDoc(
+        "libmilter_ext._milter.StageError",
+        "An action was used where libmilter does not allow it.", S.error, NULL);
+    if (S.stage_error == NULL)
+        goto fail;
+    Py_INCREF(S.stage_error);
+    if (PyModule_AddObject(m, "StageError", S.stage_error) < 0)
+        goto fail;
+    Py_INCREF(&Context_Type);
+    if (PyModule_AddObject(m, "Context", (PyObject *)&Context_Type) < 0) {
+        Py_DECREF(&Context_Type);
+        goto fail;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}
