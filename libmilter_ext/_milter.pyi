@@ -1,0 +1,92 @@
+"""Type stubs for the C part of libmilter_ext (see _milter.c)."""
+from typing import Any, Callable
+
+_Text = str | bytes
+
+class MilterError(Exception): ...
+class StageError(MilterError): ...
+
+class Context:
+    """One SMTP connection; its methods are libmilter actions."""
+    @property
+    def stage(self) -> str: ...
+    @property
+    def actions(self) -> int: ...
+    @property
+    def protocol(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def getsymval(self, name: _Text, /) -> str | None: ...
+    def setsymlist(self, stage: int, macros: _Text, /) -> None: ...
+    def setreply(self, rcode: _Text, xcode: _Text | None = ..., /, *lines: _Text) -> None: ...
+    def addheader(self, name: _Text, value: _Text, idx: int = ..., /) -> None: ...
+    def chgheader(self, name: _Text, idx: int, value: _Text | None = ..., /) -> None: ...
+    def addrcpt(self, rcpt: _Text, args: _Text | None = ..., /) -> None: ...
+    def delrcpt(self, rcpt: _Text, /) -> None: ...
+    def chgfrom(self, sender: _Text, args: _Text | None = ..., /) -> None: ...
+    def replacebody(self, chunk: bytes, /) -> None: ...
+    def quarantine(self, reason: _Text, /) -> None: ...
+    def progress(self) -> None: ...
+
+def register(
+    name: str,
+    factory: Callable[[Context], Any],
+    error_hook: Callable[[Any, str, BaseException], int] | None = ...,
+    flags: int = ...,
+) -> None: ...
+def setconn(spec: _Text, /) -> None: ...
+def opensocket(remove_stale: bool, /) -> None: ...
+def settimeout(seconds: int, /) -> None: ...
+def setbacklog(backlog: int, /) -> None: ...
+def setdbg(level: int, /) -> None: ...
+def setmaxdatasize(size: int, /) -> int: ...
+def main() -> None: ...
+def stop() -> None: ...
+def version() -> tuple[int, int, int]: ...
+
+SMFIS_CONTINUE: int
+SMFIS_REJECT: int
+SMFIS_DISCARD: int
+SMFIS_ACCEPT: int
+SMFIS_TEMPFAIL: int
+SMFIS_NOREPLY: int
+SMFIS_SKIP: int
+SMFIS_ALL_OPTS: int
+SMFIF_ADDHDRS: int
+SMFIF_CHGBODY: int
+SMFIF_ADDRCPT: int
+SMFIF_DELRCPT: int
+SMFIF_CHGHDRS: int
+SMFIF_QUARANTINE: int
+SMFIF_CHGFROM: int
+SMFIF_ADDRCPT_PAR: int
+SMFIF_SETSYMLIST: int
+SMFIP_NOCONNECT: int
+SMFIP_NOHELO: int
+SMFIP_NOMAIL: int
+SMFIP_NORCPT: int
+SMFIP_NOBODY: int
+SMFIP_NOHDRS: int
+SMFIP_NOEOH: int
+SMFIP_NR_HDR: int
+SMFIP_NOHREPL: int
+SMFIP_NOUNKNOWN: int
+SMFIP_NODATA: int
+SMFIP_SKIP: int
+SMFIP_RCPT_REJ: int
+SMFIP_NR_CONN: int
+SMFIP_NR_HELO: int
+SMFIP_NR_MAIL: int
+SMFIP_NR_RCPT: int
+SMFIP_NR_DATA: int
+SMFIP_NR_UNKN: int
+SMFIP_NR_EOH: int
+SMFIP_NR_BODY: int
+SMFIP_HDR_LEADSPC: int
+SMFIM_CONNECT: int
+SMFIM_HELO: int
+SMFIM_ENVFROM: int
+SMFIM_ENVRCPT: int
+SMFIM_DATA: int
+SMFIM_EOM: int
+SMFIM_EOH: int
