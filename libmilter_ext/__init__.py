@@ -67,11 +67,17 @@ from ._milter import (  # noqa: F401  (re-exported)
     Context,
     MilterError,
     StageError,
+    setbacklog,
+    setdbg,
+    setmaxdatasize,
+    settimeout,
 )
 
 __all__ = [
     "ACCEPT", "CONTINUE", "DISCARD", "NOREPLY", "REJECT", "SKIP", "TEMPFAIL",
-    "Context", "Milter", "MilterError", "StageError", "noreply", "run", "version",
+    "Context", "Milter", "MilterError", "StageError", "main", "noreply", "open_socket",
+    "register", "run", "setbacklog", "setdbg", "setmaxdatasize", "settimeout", "stop",
+    "version",
 ]
 
 log = logging.getLogger(__name__)
@@ -373,10 +379,10 @@ def run(factory: Callable[[], Milter], socket: str, name: str, *, timeout: int =
     socket: "unix:/path" (or "local:"), "inet:PORT@HOST", "inet6:PORT@HOST".
     """
     register(factory, name)
-    _milter.settimeout(timeout)
+    settimeout(timeout)
     if backlog is not None:
-        _milter.setbacklog(backlog)
+        setbacklog(backlog)
     if debug:
-        _milter.setdbg(debug)
+        setdbg(debug)
     open_socket(socket, remove_stale=remove_stale)
     main(on_hup=on_hup)

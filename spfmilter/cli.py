@@ -1,0 +1,158 @@
+"""Command line: ``spfmilter [-c FILE] {run,check-config,test}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from . import config as configmod
+
+DEFAULT_CONFIG = "/etc/spfmilter.cfg"
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_USAGE = 2
+EXIT_STARTUP = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spfmilter", description="SPF (RFC 7208) policy milter for Sendmail and Postfix.")
+    parser.add_argument("--version", action="version", version=f"spfmilter {__version__}")
+    parser.add_argument("-c", "--config", default=os.environ.get("SPFMILTER_CONFIG",
+                                                                 DEFAULT_CONFIG),
+                        help=f"config file (default {DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the milter (the default)")
+    run.add_argument("--daemon", action="store_true",
+                     help="detach from the terminal (SysV init); default: foreground")
+    run.add_argument("--stderr", action="store_true",
+                     help="log to stderr whatever the config says")
+    sub.add_parser("check-config", help="validate the config and print the effective one")
+    test = sub.add_parser("test", help="judge one client/HELO/sender as the milter would")
+    test.add_argument("--ip", required=True, help="client IP address")
+    test.add_argument("--helo", required=True, help="HELO/EHLO name")
+    test.add_argument("--from", dest="sender", required=True,
+                      help="MAIL FROM address ('' or '<>' for the null sender)")
+    test.add_argument("--auth", action="store_true", help="as an SMTP-authenticated client")
+    test.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _load(path: str, *, required: bool) -> configmod.Config:
+    if not required and not os.path.exists(path):
+        return configmod.loads("", filename="<defaults>")
+    return configmod.load(path)
+
+
+def cmd_check_config(path: str) -> int:
+    cfg = configmod.load(path)
+    for warning in configmod.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    sys.stdout.write(configmod.dump(cfg))
+    print(f"# {path}: OK", file=sys.stderr)
+    return EXIT_OK
+
+
+def _reply_text(decision: object) -> str | None:
+    code = getattr(decision, "code", None)
+    if code is None:
+        return None
+    xcode = getattr(decision, "xcode", None)
+    lines = list(getattr(decision, "reply_lines", ())) or [""]
+    sep = [f"{code}-" for _ in lines[:-1]] + [f"{code} "]
+    return "\r\n".join(f"{s}{xcode + ' ' if xcode else ''}{line}".rstrip()
+                       for s, line in zip(sep, lines))
+
+
+def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
+    from . import transaction
+    from .daemon import make_checker
+
+    cfg = _load(path, required=required)
+    checker = make_checker(cfg)
+    verdict = transaction.judge(cfg, checker, ip=args.ip, helo=args.helo, sender=args.sender,
+                                authenticated=args.auth,
+                                skip=None if args.auth else transaction.forwarder_skip(
+                                    cfg, checker, args.ip, args.helo)
+                                if transaction.client_skip(cfg, args.ip) is None else None)
+    d = verdict.decision
+    reply = _reply_text(d)
+    header_lines = [f"{name}: {value}" for name, value in verdict.header_fields]
+
+    def result(r: object) -> dict[str, object] | None:
+        if r is None:
+            return None
+        return {k: getattr(r, k) for k in ("identity", "result", "domain", "sender",
+                                             "explanation", "comment", "checked")}
+
+    if args.json:
+        print(json.dumps({
+            "helo": result(verdict.helo), "mailfrom": result(verdict.mailfrom),
+            "skip": verdict.skip, "action": d.action, "would_action": d.would_action,
+            "reason": d.reason, "reply": reply, "headers": header_lines,
+        }, ensure_ascii=True))
+        return EXIT_OK
+    for r in (verdict.helo, verdict.mailfrom):
+        if r is not None:
+            extra = f" ({r.comment})" if r.comment else ""
+            print(f"{r.identity}: {r.result}{extra}")
+            if r.explanation:
+                print(f"  explanation: {r.explanation!r}")
+    if verdict.skip:
+        print(f"skipped: {verdict.skip}")
+    print(f"action: {d.action}" + (f" (would {d.would_action})"
+                                   if d.would_action != d.action else ""))
+    print(f"reason: {d.reason}")
+    if reply:
+        print("reply:")
+        for line in reply.split("\r\n"):
+            print(f"  {line}")
+    for line in header_lines:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_run(path: str, args: argparse.Namespace) -> int:
+    from .daemon import Daemon, StartupError
+
+    cfg = configmod.load(path)
+    try:
+        return Daemon(path, cfg).run(detach=args.daemon, stderr=args.stderr)
+    except StartupError as exc:
+        logging.getLogger("spfmilter").error("cannot start: %s", exc)
+        print(f"spfmilter: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spfmilter`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    commands = {"run", "check-config", "test"}
+    if not any(a in commands for a in argv) and not any(a in ("-h", "--help", "--version")
+                                                        for a in argv):
+        argv.append("run")
+    args = parser.parse_args(argv)
+    explicit = "-c" in argv or "--config" in argv or "SPFMILTER_CONFIG" in os.environ
+    try:
+        if args.command == "check-config":
+            return cmd_check_config(args.config)
+        if args.command == "test":
+            return cmd_test(args.config, args, required=explicit)
+        return cmd_run(args.config, args)
+    except configmod.ConfigError as exc:
+        print(f"spfmilter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"spfmilter: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The spfmilter daemon: socket, privileges, pidfile, logging, signals, reload."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import logging.handlers
+import os
+import pwd
+import sys
+
+import libmilter_ext as lm
+
+from . import config as configmod
+from .config import Config
+from .milter import Runtime, RuntimeHolder, factory
+from .spfcheck import SpfChecker
+
+log = logging.getLogger("spfmilter")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+def make_checker(cfg: Config) -> SpfChecker:
+    """An SpfChecker configured from the [spf] section."""
+    return SpfChecker(nameservers=cfg.spf.nameservers, lookup_timeout=cfg.spf.lookup_timeout,
+                      void_lookup_limit=cfg.spf.void_lookup_limit,
+                      cache_size=cfg.spf.cache_size)
+
+
+def setup_logging(cfg: Config, *, force_stderr: bool = False) -> None:
+    """Send logs to syslog (facility from config) or stderr; only the daemon calls this."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler
+    if cfg.milter.log_target == "syslog" and not force_stderr and os.path.exists("/dev/log"):
+        facility = logging.handlers.SysLogHandler.facility_names[cfg.milter.log_facility]
+        handler = logging.handlers.SysLogHandler(address="/dev/log", facility=facility)
+        handler.setFormatter(logging.Formatter(f"spfmilter[{os.getpid()}]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s spfmilter %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(cfg.milter.log_level.upper())
+
+
+def unix_socket_path(spec: str) -> str | None:
+    """The filesystem path of a unix:/local: socket spec, else None."""
+    for prefix in ("unix:", "local:"):
+        if spec.startswith(prefix):
+            return spec[len(prefix):]
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def claim_pidfile(path: str) -> None:
+    """Refuse to start if another live spfmilter owns path; remove a stale one."""
+    try:
+        with open(path) as fh:
+            pid = int(fh.read().strip() or 0)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        pid = 0
+    if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            cmdline = b"spfmilter"
+        if b"spfmilter" in cmdline:
+            raise StartupError(f"{path}: spfmilter is already running as pid {pid}")
+    log.warning("removing stale pidfile %s (pid %s)", path, pid or "unreadable")
+    os.unlink(path)
+
+
+def _ids(cfg: Config) -> tuple[int | None, int | None]:
+    uid = gid = None
+    if cfg.milter.user:
+        try:
+            pw = pwd.getpwnam(cfg.milter.user)
+        except KeyError:
+            raise StartupError(f"[milter] user: no such user {cfg.milter.user!r}") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if cfg.milter.group:
+        try:
+            gid = grp.getgrnam(cfg.milter.group).gr_gid
+        except KeyError:
+            raise StartupError(f"[milter] group: no such group {cfg.milter.group!r}") from None
+    return uid, gid
+
+
+def _prepare_dir(path: str, uid: int | None, gid: int | None) -> None:
+    directory = os.path.dirname(path)
+    if directory and not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o750)
+        if os.geteuid() == 0:
+            os.chown(directory, uid if uid is not None else -1, gid if gid is not None else -1)
+
+
+def drop_privileges(uid: int | None, gid: int | None, user: str) -> None:
+    """Become the configured user (only when started as root)."""
+    if os.geteuid() != 0 or uid is None:
+        return
+    os.setgroups([])
+    if user:
+        os.initgroups(user, gid if gid is not None else os.getgid())
+    if gid is not None:
+        os.setgid(gid)
+    os.setuid(uid)
+
+
+def daemonize() -> None:
+    """Detach from the terminal (SysV style): fork, setsid, fork, stdio to /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+class Daemon:
+    """Runs the milter for one config file until SIGTERM/SIGINT; SIGHUP reloads."""
+
+    def __init__(self, path: str, cfg: Config) -> None:
+        self.path = path
+        self._stderr = False
+        self.holder = RuntimeHolder(Runtime(cfg, make_checker(cfg)))
+
+    @property
+    def config(self) -> Config:
+        return self.holder.current.config
+
+    def reload(self) -> bool:
+        """Load the config file again; keep the old one if the new one is bad."""
+        try:
+            new = configmod.load(self.path)
+        except configmod.ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return False
+        except OSError as exc:
+            log.error("reload refused, keeping the running config: %s: %s", self.path, exc)
+            return False
+        old = self.holder.current
+        for section in ("socket", "user", "group", "umask", "pidfile", "name"):
+            if getattr(new.milter, section) != getattr(old.config.milter, section):
+                log.warning("reload: [milter] %s changed; it takes effect on restart", section)
+        checker = old.checker if new.spf == old.config.spf else make_checker(new)
+        self.holder.current = Runtime(new, checker)
+        setup_logging(new, force_stderr=self._stderr)
+        for warning in configmod.warnings(new):
+            log.warning("%s", warning)
+        log.info("configuration reloaded from %s", self.path)
+        return True
+
+    def run(self, *, detach: bool = False, stderr: bool = False) -> int:
+        """Open the socket, drop privileges, write the pidfile and serve."""
+        cfg = self.config
+        self._stderr = stderr
+        setup_logging(cfg, force_stderr=stderr)
+        for warning in configmod.warnings(cfg):
+            log.warning("%s", warning)
+        uid, gid = _ids(cfg)
+        spec = cfg.milter.socket
+        sock_path = unix_socket_path(spec)
+        if cfg.milter.pidfile:
+            claim_pidfile(cfg.milter.pidfile)
+            _prepare_dir(cfg.milter.pidfile, uid, gid)
+        if sock_path:
+            _prepare_dir(sock_path, uid, gid)
+        lm.register(factory(self.holder), cfg.milter.name)
+        lm.settimeout(cfg.milter.timeout)
+        old_umask = os.umask(cfg.milter.umask)
+        try:
+            lm.open_socket(spec, remove_stale=True)
+        except lm.MilterError as exc:
+            raise StartupError(f"cannot open the milter socket {spec}: {exc}") from None
+        finally:
+            os.umask(old_umask)
+        if sock_path and os.geteuid() == 0:
+            os.chown(sock_path, uid if uid is not None else -1, gid if gid is not None else -1)
+        if detach:
+            daemonize()
+        if cfg.milter.pidfile:
+            with open(cfg.milter.pidfile, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            if os.geteuid() == 0:
+                os.chown(cfg.milter.pidfile, uid if uid is not None else -1, -1)
+        drop_privileges(uid, gid, cfg.milter.user)
+        log.info("spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
+                 ".".join(map(str, lm.version())), cfg.spf.authserv_id)
+        try:
+            lm.main(on_hup=self.reload)
+        finally:
+            for path in (cfg.milter.pidfile, sock_path):
+                if path:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+            log.info("spfmilter stopped")
+        return 0

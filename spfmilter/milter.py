@@ -1,0 +1,195 @@
+"""The SPF milter: one SpfMilter per SMTP connection, on libmilter_ext."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import libmilter_ext as lm
+
+from . import headers, policy, transaction
+from .config import Config
+from .results import SpfResult
+from .spfcheck import SpfChecker
+
+log = logging.getLogger(__name__)
+
+_VERDICTS = {"accept": lm.CONTINUE, "reject": lm.REJECT, "tempfail": lm.TEMPFAIL}
+_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a connection needs; replaced as a whole on reload."""
+
+    config: Config
+    checker: SpfChecker
+
+
+class RuntimeHolder:
+    """The current Runtime; new connections take whatever is current."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+
+
+def logvalue(value: object) -> str:
+    """A log field value that cannot break the line or fake another field."""
+    if value is None or value == "":
+        return "-"
+    text = str(value)
+    if _UNSAFE.search(text) or '"' in text or "=" in text:
+        text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+        text = '"' + text.replace('"', '\\"').replace(" ", "\\x20") + '"'
+    return text
+
+
+class SpfMilter(lm.Milter):
+    """Checks HELO at HELO, MAIL FROM at MAIL FROM; headers go in at eom."""
+
+    macros = {
+        "connect": "j {daemon_name}",
+        "envfrom": "i {auth_authen} {auth_type}",
+        "eom": "i",
+    }
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.cfg = runtime.config
+        self.checker = runtime.checker
+        self.failsafe = _VERDICTS[self.cfg.milter.on_error]
+        self.ip: str | None = None
+        self.client_skip: str | None = None
+        self.trusted = False
+        self.helo_name = ""
+        self.helo_result: SpfResult | None = None
+        self.forwarder: str | None = None
+        self.forwarder_checked = False
+        self.receiver = ""
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender = ""
+        self.verdict: transaction.Verdict | None = None
+        self.queue_id: str | None = None
+        self.forged: list[int] = []
+        self.ar_seen = 0
+
+    # -- stages --------------------------------------------------------------
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+            self.ip = hostaddr[0]
+        self.client_skip = transaction.client_skip(self.cfg, self.ip)
+        self.trusted = transaction.is_trusted_relay(self.cfg, self.ip)
+        self.receiver = self.getsymval("j") or ""
+        return lm.CONTINUE
+
+    def helo(self, name: str) -> int:
+        self.helo_name = name
+        self.helo_result = None
+        if self.cfg.spf.check_helo and self.client_skip is None and self.ip is not None:
+            self.helo_result = self.checker.check_helo(self.ip, name)
+        return lm.CONTINUE
+
+    def envfrom(self, sender: str, *params: str) -> int:
+        self._log_pending("aborted")
+        self._reset()
+        self.sender = sender
+        self.queue_id = self.getsymval("i")
+        authenticated = bool(self.getsymval("{auth_authen}"))
+        skip = self.client_skip
+        if skip is None and not (authenticated and self.cfg.policy.skip_authenticated):
+            skip = self._forwarder_skip()
+        verdict = transaction.judge(
+            self.cfg, self.checker, ip=self.ip, helo=self.helo_name, sender=sender,
+            helo_result=self.helo_result, authenticated=authenticated, skip=skip,
+            receiver=self.receiver)
+        self.verdict = verdict
+        action = verdict.decision.action
+        if action == "accept":
+            return lm.CONTINUE
+        self._reply(verdict.decision)
+        self._log(verdict, action)
+        self.verdict = None
+        return _VERDICTS[action]
+
+    @lm.noreply
+    def header(self, name: str, value: str) -> int:
+        if name.lower() == "authentication-results":
+            self.ar_seen += 1
+            if self.cfg.headers.remove_forged and not self.trusted and \
+                    headers.is_own_authres(value, self.cfg.spf.authserv_id):
+                self.forged.append(self.ar_seen)
+        return lm.CONTINUE
+
+    def eom(self) -> int:
+        verdict = self.verdict
+        if verdict is None:  # no MAIL FROM seen (cannot happen with a sane MTA)
+            return lm.CONTINUE
+        self.queue_id = self.getsymval("i") or self.queue_id
+        for index in sorted(self.forged, reverse=True):
+            self.chgheader("Authentication-Results", index, None)
+        for name, value in reversed(verdict.header_fields):
+            self.addheader(name, value, 0)
+        self._log(verdict, verdict.decision.action)
+        self.verdict = None
+        return lm.CONTINUE
+
+    def abort(self) -> None:
+        self._log_pending("aborted")
+        self._reset()
+
+    def close(self) -> None:
+        self._log_pending("aborted")
+
+    def on_exception(self, stage: str, exc: BaseException) -> int:
+        log.error("qid=%s ip=%s helo=%s sender=%s: internal error in %s, action=%s: %s",
+                  logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
+                  logvalue(self.sender), stage, self.cfg.milter.on_error, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        decision = policy.error_decision(self.cfg.milter.on_error)
+        if decision.action != "accept" and stage not in ("abort", "close"):
+            try:
+                self._reply(decision)
+            except lm.MilterError:
+                pass
+        self.verdict = None
+        return self.failsafe
+
+    # -- helpers -------------------------------------------------------------
+    def _forwarder_skip(self) -> str | None:
+        if not self.cfg.policy.forwarders or self.ip is None:
+            return None
+        if not self.forwarder_checked:
+            self.forwarder = transaction.forwarder_skip(self.cfg, self.checker, self.ip,
+                                                        self.helo_name)
+            self.forwarder_checked = True
+        return self.forwarder
+
+    def _reply(self, decision: policy.Decision) -> None:
+        if decision.code is not None:
+            self.setreply(str(decision.code), decision.xcode, *decision.reply_lines)
+
+    def _log_pending(self, outcome: str) -> None:
+        if self.verdict is not None:
+            self._log(self.verdict, self.verdict.decision.action, outcome)
+            self.verdict = None
+
+    def _log(self, verdict: transaction.Verdict, action: str, outcome: str = "") -> None:
+        d = verdict.decision
+        log.info(
+            "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s action=%s%s "
+            "reason=%s%s",
+            logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
+            logvalue(self.sender),
+            verdict.helo.result if verdict.helo else "-",
+            verdict.mailfrom.result if verdict.mailfrom else "-",
+            action, f" would={d.would_action}" if d.would_action != action else "",
+            logvalue(d.reason), f" outcome={outcome}" if outcome else "")
+
+
+def factory(holder: RuntimeHolder) -> Callable[[], SpfMilter]:
+    """A milter factory that gives each new connection the current runtime."""
+    return lambda: SpfMilter(holder.current)

@@ -1,0 +1,105 @@
+"""One SMTP transaction judged end to end: skips, SPF checks, policy, headers.
+
+Shared by the milter and by ``spfmilter test`` so both give the same answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from . import headers, policy
+from .config import Config
+from .results import SpfResult
+from .spfcheck import SpfChecker
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What spfmilter concluded for one transaction."""
+
+    helo: SpfResult | None
+    mailfrom: SpfResult | None
+    decision: policy.Decision
+    skip: str | None
+    header_fields: tuple[tuple[str, str], ...]  # (name, value), top first
+
+
+def client_skip(cfg: Config, ip: str | None) -> str | None:
+    """Why a client is not checked at all, from its address alone (or None)."""
+    if ip is None:
+        return "local client"
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if any(addr in net for net in cfg.policy.internal_hosts):
+        return "internal host"
+    if any(addr in net for net in cfg.policy.trusted_relays):
+        return "trusted relay"
+    return None
+
+
+def is_trusted_relay(cfg: Config, ip: str | None) -> bool:
+    """True when ip is in trusted_relays (its AR headers are kept)."""
+    if ip is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in cfg.policy.trusted_relays)
+
+
+def forwarder_skip(cfg: Config, checker: SpfChecker, ip: str, helo: str) -> str | None:
+    """The forwarder domain whose SPF the client passes, as a skip reason (or None)."""
+    for domain in cfg.policy.forwarders:
+        if checker.check_mailfrom(ip, f"postmaster@{domain}", helo).result == "pass":
+            return f"forwarder {domain}"
+    return None
+
+
+def sender_domain(sender: str, helo: str) -> str:
+    """The domain policy overrides are looked up by: MAIL FROM's, or HELO's for <>."""
+    addr = sender.strip().strip("<>")
+    if "@" in addr:
+        return addr.rsplit("@", 1)[1].lower().rstrip(".")
+    return helo.lower().rstrip(".")
+
+
+def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender: str,
+          helo_result: SpfResult | None = None, authenticated: bool = False,
+          skip: str | None = None, receiver: str = "") -> Verdict:
+    """Judge one transaction; helo_result may come from an earlier HELO check."""
+    skip = skip or client_skip(cfg, ip)
+    if skip is None and authenticated and cfg.policy.skip_authenticated:
+        skip = "authenticated"
+    mailfrom_result = None
+    if skip is None:
+        assert ip is not None
+        if helo_result is None and cfg.spf.check_helo:
+            helo_result = checker.check_helo(ip, helo)
+        mailfrom_result = checker.check_mailfrom(ip, sender, helo)
+    facts = policy.Facts(ip=ip or "", helo=helo_result if skip is None else None,
+                         mailfrom=mailfrom_result, sender_domain=sender_domain(sender, helo),
+                         skip=skip)
+    decision = policy.decide(facts, cfg.policy)
+    return Verdict(helo=facts.helo, mailfrom=mailfrom_result, decision=decision, skip=skip,
+                   header_fields=build_headers(cfg, facts, helo=helo, receiver=receiver))
+
+
+def build_headers(cfg: Config, facts: policy.Facts, *, helo: str = "",
+                  receiver: str = "") -> tuple[tuple[str, str], ...]:
+    """The header fields to insert, top first."""
+    fields: list[tuple[str, str]] = []
+    if cfg.headers.authentication_results:
+        fields.append(("Authentication-Results", headers.authentication_results(
+            cfg.spf.authserv_id, facts.helo, facts.mailfrom,
+            mailfrom_format=cfg.headers.mailfrom, skip=facts.skip)))
+    if cfg.headers.received_spf and facts.skip is None:
+        main = facts.mailfrom if facts.mailfrom is not None else facts.helo
+        if main is not None:
+            fields.append(("Received-SPF", headers.received_spf(
+                main, ip=facts.ip, helo=helo,
+                receiver=receiver or cfg.spf.authserv_id)))
+    return tuple(fields)
