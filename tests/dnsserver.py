@@ -1,0 +1,445 @@
+"""A real DNS server on loopback for the test suite.
+
+Debian's NSD serves the zone files in ``tests/data/zones`` on a private
+loopback port.  In front of it runs a small UDP/TCP relay that listens on
+127.0.0.1 and ::1 (same port), counts every query it sees by (name, type),
+and drops queries under chosen names so that resolvers time out.  Tests
+talk to the relay's port only.
+
+Zones: every ``NAME.zone`` file in the zones folder (``root.zone`` is the
+stand-in root ``.``, so unknown names get NXDOMAIN instead of REFUSED), plus
+zones configured without a file, which NSD answers with SERVFAIL.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+ZONES_DIR = Path(__file__).parent / "data" / "zones"
+NSD = "/usr/sbin/nsd"
+#: Zones that are configured but have no file: NSD answers SERVFAIL.
+SERVFAIL_ZONES = ("servfail.test",)
+#: Names (and everything below them) whose queries are never answered.
+DROPPED_NAMES = ("timeout.spf.test",)
+#: Zone queried to decide that the server is up.
+PROBE_ZONE = "spf.test"
+START_TIMEOUT = 10.0
+UPSTREAM_TIMEOUT = 5.0
+
+
+def _free_port(host: str) -> int:
+    """Return a TCP+UDP port that was free on *host* a moment ago."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as tcp:
+        tcp.bind((host, 0))
+        port = tcp.getsockname()[1]
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, port))
+    return port
+
+
+def _qkey(wire: bytes) -> tuple[str, str]:
+    """(lower-case name without final dot, type mnemonic) of a query."""
+    try:
+        question = dns.message.from_wire(wire).question[0]
+    except Exception:  # any garbage is counted, then relayed
+        return ("<unparsable>", "")
+    name = question.name.to_text(omit_final_dot=True).lower()
+    return (name, dns.rdatatype.to_text(question.rdtype))
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+    return data
+
+
+class _Front:
+    """UDP/TCP relay on 127.0.0.1 and ::1 that counts and drops queries."""
+
+    def __init__(self, upstream: tuple[str, int], drop: Sequence[str]) -> None:
+        self.upstream = upstream
+        self.drop = tuple(d.lower().rstrip(".") for d in drop)
+        self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._workers: set[threading.Thread] = set()
+        self._listeners = self._bind()
+        self.port = self._listeners[0].getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._loop = threading.Thread(target=self._serve, name="dns-front", daemon=True)
+
+    def _bind(self) -> list[socket.socket]:
+        last: OSError | None = None
+        for _ in range(50):
+            socks: list[socket.socket] = []
+            try:
+                port = 0
+                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                        sock = socket.socket(family, kind)
+                        socks.append(sock)
+                        if family == socket.AF_INET6:
+                            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        sock.bind((host, port))
+                        port = sock.getsockname()[1]
+                        if kind == socket.SOCK_STREAM:
+                            sock.listen(128)
+                return socks
+            except OSError as exc:
+                last = exc
+                for sock in socks:
+                    sock.close()
+        raise RuntimeError(f"no common free port on 127.0.0.1 and ::1: {last}")
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake_w.send(b"x")
+        self._loop.join(5)
+        with self._lock:
+            conns = list(self._conns)
+            workers = list(self._workers)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for worker in workers:
+            worker.join(UPSTREAM_TIMEOUT + 1)
+        for sock in (*self._listeners, self._wake_r, self._wake_w):
+            sock.close()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.queries.clear()
+
+    def snapshot(self) -> collections.Counter[tuple[str, str]]:
+        with self._lock:
+            return collections.Counter(self.queries)
+
+    def _admit(self, wire: bytes) -> bool:
+        """Count a query; False when it must go unanswered."""
+        key = _qkey(wire)
+        with self._lock:
+            self.queries[key] += 1
+        name = key[0]
+        return not any(name == d or name.endswith("." + d) for d in self.drop)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            except OSError:
+                pass  # peer went away or we are stopping
+            except Exception as exc:  # keep for inspection
+                self.errors.append(exc)
+            finally:
+                with self._lock:
+                    self._workers.discard(thread)
+
+        thread = threading.Thread(target=run, name="dns-front-worker", daemon=True)
+        with self._lock:
+            self._workers.add(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            for sock in self._listeners:
+                sel.register(sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in sel.select():
+                    sock = key.fileobj
+                    if sock is self._wake_r or self._stopping.is_set():
+                        return
+                    assert isinstance(sock, socket.socket)
+                    try:
+                        if sock.type == socket.SOCK_DGRAM:
+                            wire, client = sock.recvfrom(65535)
+                            if self._admit(wire):
+                                self._spawn(self._relay_udp, sock, wire, client)
+                        else:
+                            conn, _ = sock.accept()
+                            with self._lock:
+                                self._conns.add(conn)
+                            self._spawn(self._serve_tcp, conn)
+                    except OSError as exc:
+                        self.errors.append(exc)
+
+    def _relay_udp(self, listener: socket.socket, wire: bytes, client: tuple) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+            up.settimeout(UPSTREAM_TIMEOUT)
+            up.sendto(wire, self.upstream)
+            answer = up.recv(65535)
+        listener.sendto(answer, client)
+
+    def _serve_tcp(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                while not self._stopping.is_set():
+                    try:
+                        (size,) = struct.unpack("!H", _recv_exact(conn, 2))
+                    except ConnectionError:
+                        return
+                    wire = _recv_exact(conn, size)
+                    if not self._admit(wire):
+                        continue
+                    with socket.create_connection(self.upstream, UPSTREAM_TIMEOUT) as up:
+                        up.sendall(struct.pack("!H", len(wire)) + wire)
+                        (size,) = struct.unpack("!H", _recv_exact(up, 2))
+                        answer = _recv_exact(up, size)
+                    conn.sendall(struct.pack("!H", len(answer)) + answer)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+
+
+class DnsServer:
+    """NSD on loopback behind a counting relay; use as a context manager.
+
+    ``host``/``port`` (and ``host6``) address the relay, which answers on
+    127.0.0.1 and ::1 alike.  ``queries`` counts queries seen by
+    (name, type), names lower-case without the final dot.
+    """
+
+    host = "127.0.0.1"
+    host6 = "::1"
+
+    def __init__(
+        self,
+        zones_dir: Path = ZONES_DIR,
+        *,
+        servfail_zones: Sequence[str] = SERVFAIL_ZONES,
+        drop: Sequence[str] = DROPPED_NAMES,
+    ) -> None:
+        self.zones_dir = Path(zones_dir).resolve()
+        self.servfail_zones = tuple(servfail_zones)
+        self.drop = tuple(drop)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._front: _Front | None = None
+        self.backend_port = 0
+
+    # -- public API -----------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._running_front().port
+
+    @property
+    def nameservers(self) -> list[str]:
+        """``["127.0.0.1:PORT"]``: the form a config file takes."""
+        return [f"{self.host}:{self.port}"]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """``[("127.0.0.1", PORT)]``: the form SpfChecker takes."""
+        return [(self.host, self.port)]
+
+    @property
+    def queries(self) -> collections.Counter[tuple[str, str]]:
+        """A snapshot of the query counts by (name, type)."""
+        return self._running_front().snapshot()
+
+    @property
+    def total_queries(self) -> int:
+        return sum(self.queries.values())
+
+    def count(self, name: str, qtype: str | None = None) -> int:
+        """Queries seen for *name* (any type unless *qtype* is given)."""
+        name = name.lower().rstrip(".")
+        return sum(
+            n for (qname, t), n in self.queries.items()
+            if qname == name and (qtype is None or t == qtype.upper())
+        )
+
+    def reset_counts(self) -> None:
+        self._running_front().reset()
+
+    def start(self) -> DnsServer:
+        if self._proc is not None:
+            raise RuntimeError("DnsServer already started")
+        self._tmp = tempfile.TemporaryDirectory(prefix="spfmilter-nsd-")
+        try:
+            self._start_nsd()
+            self._front = _Front((self.host, self.backend_port), self.drop)
+            self._front.start()
+            for host in (self.host, self.host6):
+                self._wait_ready(host, self.port, udp=False)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> DnsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------
+
+    def _running_front(self) -> _Front:
+        if self._front is None:
+            raise RuntimeError("DnsServer is not running")
+        return self._front
+
+    def _zones(self) -> list[tuple[str, str]]:
+        zones = []
+        for path in sorted(self.zones_dir.glob("*.zone")):
+            name = path.name[: -len(".zone")]
+            zones.append(("." if name == "root" else name, str(path)))
+        assert self._tmp is not None
+        for name in self.servfail_zones:
+            zones.append((name, os.path.join(self._tmp.name, "missing", name + ".zone")))
+        return zones
+
+    def _write_config(self, port: int) -> str:
+        assert self._tmp is not None
+        tmp = self._tmp.name
+        lines = [
+            "server:",
+            f"    ip-address: {self.host}@{port}",
+            f"    port: {port}",
+            "    do-ip6: no",
+            "    server-count: 1",
+            '    username: ""',
+            '    chroot: ""',
+            '    database: ""',
+            f'    zonesdir: "{self.zones_dir}"',
+            f'    pidfile: "{tmp}/nsd.pid"',
+            f'    zonelistfile: "{tmp}/zone.list"',
+            f'    xfrdfile: "{tmp}/xfrd.state"',
+            f'    xfrdir: "{tmp}"',
+            "    rrl-ratelimit: 0",
+            "    verbosity: 1",
+            "    hide-version: yes",
+            "    tcp-count: 200",
+            "    zonefiles-write: 0",
+            "remote-control:",
+            "    control-enable: no",
+        ]
+        for name, path in self._zones():
+            lines += ["zone:", f'    name: "{name}"', f'    zonefile: "{path}"']
+        conf = os.path.join(tmp, "nsd.conf")
+        with open(conf, "w", encoding="ascii") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return conf
+
+    def _start_nsd(self) -> None:
+        if not os.path.exists(NSD):
+            raise RuntimeError(f"{NSD} not found: install Debian package nsd")
+        assert self._tmp is not None
+        log_path = os.path.join(self._tmp.name, "nsd.log")
+        failures = []
+        for _ in range(3):  # another process may grab the port we picked
+            port = _free_port(self.host)
+            conf = self._write_config(port)
+            with open(log_path, "wb") as log:
+                self._proc = subprocess.Popen(
+                    [NSD, "-d", "-c", conf],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )
+            try:
+                self._wait_ready(self.host, port, udp=True)
+            except RuntimeError as exc:
+                failures.append(str(exc))
+                self._proc.kill()
+                self._proc.wait()
+                self._proc = None
+                continue
+            self.backend_port = port
+            return
+        raise RuntimeError("NSD did not start:\n" + "\n---\n".join(failures))
+
+    def _wait_ready(self, host: str, port: int, *, udp: bool) -> None:
+        """Poll with SOA queries until the server answers, or raise."""
+        deadline = time.monotonic() + START_TIMEOUT
+        last = "no answer"
+        query = dns.message.make_query(PROBE_ZONE, "SOA")
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"nsd exited with status {self._proc.returncode}:\n{self._nsd_log()}"
+                )
+            try:
+                send = dns.query.udp if udp else dns.query.tcp
+                answer = send(query, host, port=port, timeout=0.25)
+            except (OSError, dns.exception.DNSException) as exc:
+                last = repr(exc)
+                if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                    time.sleep(0.02)  # refused at once: do not spin
+                continue
+            if answer.rcode() == dns.rcode.NOERROR:
+                return
+            last = f"rcode {dns.rcode.to_text(answer.rcode())}"
+        raise RuntimeError(
+            f"DNS server at {host}:{port} not ready after {START_TIMEOUT}s ({last}):\n"
+            f"{self._nsd_log()}"
+        )
+
+    def _nsd_log(self) -> str:
+        if self._tmp is None:
+            return ""
+        try:
+            with open(os.path.join(self._tmp.name, "nsd.log"), encoding="utf-8",
+                      errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DnsServer]:
+    """One NSD + relay for the whole test session."""
+    with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def dns_counts(dns_server: DnsServer) -> DnsServer:
+    """The session DNS server with its query counts reset for this test."""
+    dns_server.reset_counts()
+    return dns_server
