@@ -636,9 +636,10 @@ def loads(text: str, filename: str = "<string>") -> Config:
             line=exc.lineno,
         ) from None
     except configparser.ParsingError as exc:
-        number, line = exc.errors[0]
+        number = exc.errors[0][0]
+        line = text.split("\n")[number - 1].strip()
         raise ConfigError(
-            f"cannot parse {line.strip()!r} (expected option = value)",
+            f"cannot parse {line!r} (expected option = value)",
             filename=filename,
             line=number,
         ) from None
