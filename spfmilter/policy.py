@@ -1,0 +1,112 @@
+"""The policy: SPF results in, a verdict out.  Pure functions, no I/O.
+
+Each checked identity gets the action its result maps to in ``[policy]``, or in
+the most specific ``[domain:NAME]`` section covering the sender domain that
+sets that action.  The most severe action wins (reject > tempfail > accept);
+on a tie HELO drives the verdict, since it was checked first.  Identities that
+could not be checked (``SpfResult.checked`` false) take no part.
+
+Reply codes follow RFC 7372: ``550 5.7.23`` for a rejected fail (and any other
+rejected result), ``550 5.7.24``/``451 4.7.24`` for SPF errors and ``451 4.7.1``
+for a temporary refusal of a non-error result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import replies
+from .config import PolicyConfig
+from .results import SpfResult
+
+_SEVERITY = {"accept": 0, "tempfail": 1, "reject": 2}
+_ERRORS = ("permerror", "temperror")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What is known about a message when the policy is asked."""
+
+    ip: str
+    helo: SpfResult | None = None
+    mailfrom: SpfResult | None = None
+    sender_domain: str = ""  # MAIL FROM domain, or the HELO name for a null sender
+    skip: str | None = None  # why the client is not checked ("authenticated"...)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict.  ``code``, ``xcode`` and ``reply_lines`` are set only when
+    ``action`` is not accept; ``would_action`` is the verdict before test_only."""
+
+    action: str  # "accept", "reject" or "tempfail"
+    would_action: str
+    code: int | None = None  # 550, 451
+    xcode: str | None = None  # "5.7.23"
+    reply_lines: tuple[str, ...] = ()
+    reason: str = ""  # short text for the log
+    identity: str | None = None  # the identity that drove the verdict
+
+
+def _domain_chain(domain: str) -> list[str]:
+    """``a.b.example`` -> ``["a.b.example", "b.example", "example"]``."""
+    labels = domain.strip().lower().rstrip(".").split(".")
+    return [".".join(labels[i:]) for i in range(len(labels)) if labels[i]]
+
+
+def action_for(policy: PolicyConfig, identity: str, result: str, sender_domain: str = "") -> str:
+    """The action ``policy`` gives ``result`` of ``identity`` for mail from ``sender_domain``."""
+    option = f"{identity}_{result}"
+    for domain in _domain_chain(sender_domain):
+        actions = policy.domains.get(domain)
+        if actions is not None and option in actions:
+            return actions[option]
+    return str(getattr(policy, option))
+
+
+def _reply_codes(action: str, result: str) -> tuple[int, str]:
+    if action == "reject":
+        return 550, "5.7.24" if result in _ERRORS else "5.7.23"
+    return 451, "4.7.24" if result in _ERRORS else "4.7.1"
+
+
+def decide(facts: Facts, policy: PolicyConfig) -> Decision:
+    """Decide what to do with the message described by ``facts``."""
+    if facts.skip:
+        return Decision("accept", "accept", reason=f"skipped: {facts.skip}")
+    checked = [spf for spf in (facts.helo, facts.mailfrom) if spf is not None and spf.checked]
+    verdict = "accept"
+    driver: SpfResult | None = None
+    for spf in checked:
+        action = action_for(policy, spf.identity, spf.result, facts.sender_domain)
+        if _SEVERITY[action] > _SEVERITY[verdict]:
+            verdict, driver = action, spf
+    if driver is None:
+        return Decision("accept", "accept", reason="policy" if checked else "no SPF result")
+    reason = f"{driver.identity} {driver.result}"
+    if policy.test_only:
+        return Decision("accept", verdict, reason=reason, identity=driver.identity)
+    code, xcode = _reply_codes(verdict, driver.result)
+    lines = replies.render(
+        policy.reply_text,
+        identity=driver.identity,
+        domain=driver.domain,
+        ip=facts.ip,
+        result=driver.result,
+        explanation=driver.explanation if driver.result == "fail" else "",
+    )
+    return Decision(verdict, verdict, code, xcode, lines, reason, driver.identity)
+
+
+_ERROR_REPLIES = {
+    "tempfail": (451, "4.3.0", "internal error while checking SPF, try again later"),
+    "reject": (550, "5.3.0", "internal error while checking SPF"),
+}
+
+
+def error_decision(on_error: str) -> Decision:
+    """The verdict when checking failed with an internal error (``[milter] on_error``)."""
+    if on_error == "accept":
+        return Decision("accept", "accept", reason="internal error")
+    code, xcode, text = _ERROR_REPLIES[on_error]
+    return Decision(on_error, on_error, code, xcode, (text,), "internal error")
