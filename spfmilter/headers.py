@@ -1,0 +1,238 @@
+"""Header fields: Authentication-Results (RFC 8601) and Received-SPF (RFC 7208 9.1).
+
+Pure functions returning field *values* (no field name, no folding).  HELO
+names, sender addresses and comments come from the client or from DNS, so every
+piece is made ASCII, stripped of control characters and quoted or escaped; a
+parser sees exactly the results we meant, never one smuggled in.
+
+Choices made here:
+
+* An identity that could not be checked (``SpfResult.checked`` false, e.g. an
+  address-literal HELO) is left out of Authentication-Results; when nothing is
+  left the field says ``none`` with a comment.
+* The domain's SPF explanation is not written into either field: it is text
+  for the rejected sender's SMTP reply, and recipients gain nothing from it.
+* A skipped session (``skip``) gives ``none (SPF not checked: REASON)``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import authres
+from authres import core
+
+from .results import SpfResult
+
+__all__ = ["authentication_results", "received_spf", "is_own_authres"]
+
+#: Upper bound on a comment's text; keeps the whole field well under 998 octets.
+MAX_COMMENT = 150
+#: Longest property value written out; longer ones are left out with a comment.
+MAX_VALUE = 320
+
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+\Z")  # RFC 2045 token
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*\Z")  # RFC 5322 dot-atom-text
+_DOMAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`{|}~")
+
+
+def _printable(text: str, limit: int | None = None) -> str:
+    """One line of printable ASCII: controls to spaces, the rest to '?', collapsed."""
+    text = _NON_ASCII.sub("?", _CONTROL.sub(" ", text))
+    text = " ".join(text.split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return text
+
+
+def _comment(text: str) -> str:
+    """Text safe inside ``( )``: printable ASCII with ``\\``, ``(`` and ``)`` escaped.
+
+    ``;`` becomes ``,`` too, for the benefit of consumers that split fields on
+    ``;`` without honouring comments.
+    """
+    text = _printable(text, MAX_COMMENT).replace(";", ",")
+    return re.sub(r"([\\()])", r"\\\1", text)
+
+
+def _quoted(text: str) -> str:
+    """An RFC 5322 quoted-string holding ``text`` made printable ASCII (``;`` as ``?``)."""
+    text = _printable(text).replace(";", "?")
+    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+
+
+def _value(text: str) -> str:
+    """A token when ``text`` is one, else a quoted-string ("" when nothing is left)."""
+    if _TOKEN.match(text):
+        return text
+    return _quoted(text) if _printable(text) else ""
+
+
+def _address(address: str) -> str:
+    """``local@domain`` as an RFC 8601 pvalue: the local part quoted if need be."""
+    local, at, domain = address.rpartition("@")
+    domain = domain[:-1] if domain.endswith(".") else domain
+    if not at or not _DOMAIN.match(domain):
+        return _value(address)
+    if _DOT_ATOM.match(local):
+        return f"{local}@{domain}"
+    if not _printable(local):
+        return _value(address)
+    return f"{_quoted(local)}@{domain}"
+
+
+class _Verbatim(core.QuotableValue):
+    """A property value we have already made safe: authres must not requote it."""
+
+    def quote_if_needed(self) -> str:
+        return str(self)
+
+
+def _spf_resinfo(spf: SpfResult, mailfrom_format: str) -> core.SPFAuthenticationResult:
+    if spf.identity == "helo":
+        name, value = "helo", _value(spf.domain)
+    elif mailfrom_format == "address" and spf.sender:
+        name, value = "mailfrom", _address(spf.sender)
+        if len(value) > MAX_VALUE:
+            value = _value(spf.domain)
+    else:
+        name, value = "mailfrom", _value(spf.domain)
+    comments = [spf.comment] if spf.comment else []
+    properties = []
+    if value and len(value) <= MAX_VALUE:
+        prop = core.AuthenticationResultProperty("smtp", name)
+        prop.value = _Verbatim(value)
+        properties.append(prop)
+    else:
+        comments.append(f"smtp.{name} not shown: empty or too long")
+    return core.SPFAuthenticationResult(
+        result=spf.result,
+        result_comment=_comment("; ".join(comments)) or None,
+        properties=properties,
+    )
+
+
+def authentication_results(
+    authserv_id: str,
+    helo: SpfResult | None,
+    mailfrom: SpfResult | None,
+    *,
+    mailfrom_format: str = "domain",
+    skip: str | None = None,
+) -> str:
+    """The value of an Authentication-Results field for this session's SPF results.
+
+    One ``spf=`` resinfo per checked identity (``smtp.helo=``, then
+    ``smtp.mailfrom=``), the latter the bare domain or, with
+    ``mailfrom_format="address"``, the full address.
+    """
+    if not _DOT_ATOM.match(authserv_id):
+        raise ValueError(f"unusable authserv-id {authserv_id!r}")
+    if mailfrom_format not in ("domain", "address"):
+        raise ValueError(f"unknown mailfrom_format {mailfrom_format!r}")
+    results: list[core.BaseAuthenticationResult] = []
+    if skip:
+        results.append(core.NoneAuthenticationResult(_comment(f"SPF not checked: {skip}")))
+    else:
+        for spf in (helo, mailfrom):
+            if spf is not None and spf.checked:
+                results.append(_spf_resinfo(spf, mailfrom_format))
+        if not results:
+            results.append(core.NoneAuthenticationResult("no identity could be checked"))
+    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
+    return str(header.header_value())
+
+
+def _kv_value(text: str) -> str:
+    """A Received-SPF key-value: dot-atom when possible, else quoted-string."""
+    return text if _DOT_ATOM.match(text) else _quoted(text)
+
+
+def received_spf(result: SpfResult, *, ip: str, helo: str, receiver: str) -> str:
+    """The value of a Received-SPF field (RFC 7208 section 9.1) for ``result``."""
+    parts = [result.result]
+    comment = _comment(result.comment)
+    if comment:
+        parts.append(f"({comment})")
+    pairs = [
+        ("client-ip", ip),
+        ("envelope-from", result.sender),
+        ("helo", helo),
+        ("receiver", receiver),
+        ("identity", result.identity),
+    ]
+    rendered = [
+        f"{key}={_kv_value(value)};"
+        for key, value in pairs
+        if _printable(value) and len(value) <= MAX_VALUE
+    ]
+    return " ".join(parts + rendered)
+
+
+def _skip_cfws(text: str, pos: int) -> int:
+    """Index after folding whitespace and comments at ``pos``; -1 if a comment is open."""
+    while pos < len(text):
+        char = text[pos]
+        if char in " \t\r\n":
+            pos += 1
+        elif char == "(":
+            depth = 0
+            while pos < len(text):
+                char = text[pos]
+                if char == "\\":
+                    pos += 1
+                elif char == "(":
+                    depth += 1
+                elif char == ")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                pos += 1
+            if pos >= len(text):
+                return -1
+            pos += 1
+        else:
+            break
+    return pos
+
+
+def _leading_authserv_id(value: str) -> str | None:
+    pos = _skip_cfws(value, 0)
+    if pos < 0:
+        return None
+    if value.startswith('"', pos):
+        chars = []
+        pos += 1
+        while pos < len(value) and value[pos] != '"':
+            if value[pos] == "\\":
+                pos += 1
+            chars.append(value[pos : pos + 1])
+            pos += 1
+        if pos >= len(value):
+            return None
+        return "".join(chars).strip()
+    end = pos
+    while end < len(value) and value[end] in _TOKEN_CHARS:
+        end += 1
+    return value[pos:end]
+
+
+def _normalize_id(authserv_id: str) -> str:
+    authserv_id = authserv_id.lower()
+    return authserv_id[:-1] if authserv_id.endswith(".") else authserv_id
+
+
+def is_own_authres(value: str, authserv_id: str) -> bool:
+    """True when Authentication-Results ``value`` claims ``authserv_id`` as its own.
+
+    Case-insensitive, a trailing dot ignored, leading comments and whitespace
+    skipped.  Only the start of the field is read, so a field that is garbage
+    after a matching authserv-id still counts as ours.
+    """
+    found = _leading_authserv_id(value)
+    return bool(found) and _normalize_id(found) == _normalize_id(authserv_id)
