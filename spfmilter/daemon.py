@@ -177,7 +177,7 @@ class Daemon:
         for warning in configmod.warnings(cfg):
             log.warning("%s", warning)
         uid, gid = _ids(cfg)
-        spec = cfg.milter.socket
+        spec = cfg.milter.socket.spec
         sock_path = unix_socket_path(spec)
         if cfg.milter.pidfile:
             claim_pidfile(cfg.milter.pidfile)
