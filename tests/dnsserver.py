@@ -34,6 +34,7 @@ import pytest
 
 ZONES_DIR = Path(__file__).parent / "data" / "zones"
 NSD = "/usr/sbin/nsd"
+NSD_CHECKZONE = "/usr/sbin/nsd-checkzone"
 #: Zones that are configured but have no file: NSD answers SERVFAIL.
 SERVFAIL_ZONES = ("servfail.test",)
 #: Names (and everything below them) whose queries are never answered.
@@ -237,8 +238,10 @@ class DnsServer:
         *,
         servfail_zones: Sequence[str] = SERVFAIL_ZONES,
         drop: Sequence[str] = DROPPED_NAMES,
+        probe_zone: str = PROBE_ZONE,
     ) -> None:
         self.zones_dir = Path(zones_dir).resolve()
+        self.probe_zone = probe_zone
         self.servfail_zones = tuple(servfail_zones)
         self.drop = tuple(drop)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -336,6 +339,15 @@ class DnsServer:
             zones.append((name, os.path.join(self._tmp.name, "missing", name + ".zone")))
         return zones
 
+    def _check_zones(self) -> None:
+        """Run nsd-checkzone on every zone file so a typo fails loudly, with its line."""
+        for name, path in self._zones():
+            if not os.path.exists(path):
+                continue
+            check = subprocess.run([NSD_CHECKZONE, name, path], capture_output=True, text=True)
+            if check.returncode != 0:
+                raise RuntimeError(f"zone {name} ({path}):\n{check.stdout}{check.stderr}")
+
     def _write_config(self, port: int) -> str:
         assert self._tmp is not None
         tmp = self._tmp.name
@@ -372,6 +384,7 @@ class DnsServer:
         if not os.path.exists(NSD):
             raise RuntimeError(f"{NSD} not found: install Debian package nsd")
         assert self._tmp is not None
+        self._check_zones()
         log_path = os.path.join(self._tmp.name, "nsd.log")
         failures = []
         for _ in range(3):  # another process may grab the port we picked
@@ -398,7 +411,7 @@ class DnsServer:
         """Poll with SOA queries until the server answers, or raise."""
         deadline = time.monotonic() + START_TIMEOUT
         last = "no answer"
-        query = dns.message.make_query(PROBE_ZONE, "SOA")
+        query = dns.message.make_query(self.probe_zone, "SOA")
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(
@@ -414,7 +427,10 @@ class DnsServer:
                 continue
             if answer.rcode() == dns.rcode.NOERROR:
                 return
-            last = f"rcode {dns.rcode.to_text(answer.rcode())}"
+            raise RuntimeError(  # up, but not serving the probe zone: a config error
+                f"DNS server at {host}:{port} answers {dns.rcode.to_text(answer.rcode())} "
+                f"for {self.probe_zone} SOA:\n{self._nsd_log()}"
+            )
         raise RuntimeError(
             f"DNS server at {host}:{port} not ready after {START_TIMEOUT}s ({last}):\n"
             f"{self._nsd_log()}"
