@@ -276,6 +276,11 @@ class MilterClient:
     ``actions`` and ``protocol`` hold what the milter asked for and
     ``macro_requests`` maps a macro stage (``protocol.SMFIM_*``) to the macro
     names the milter requested with ``smfi_setsymlist``.
+
+    Call the stages in SMTP order (connect, helo, mail, rcpt, data, header,
+    eoh, body, eom): libmilter ignores a command out of sequence without
+    replying, which shows up here as a timeout.  ``abort()`` ends a
+    transaction early; ``mail()`` may follow ``eom()`` or ``abort()``.
     """
 
     def __init__(
@@ -323,8 +328,12 @@ class MilterClient:
         try:
             if family == socket.AF_UNIX:
                 sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.settimeout(self.timeout)
-                sock.connect(address)
+                try:
+                    sock.settimeout(self.timeout)
+                    sock.connect(address)
+                except OSError:
+                    sock.close()
+                    raise
             else:
                 assert isinstance(address, tuple)
                 sock = self._connect_inet(family, address)
@@ -591,7 +600,7 @@ class MilterClient:
 
     def _read_packet(self, stage: str) -> tuple[bytes, bytes]:
         buf = self._buf
-        while len(buf) < 5:
+        while len(buf) < 4:
             self._fill(stage)
         (size,) = _LEN.unpack_from(buf)
         if not 1 <= size <= P.MILTER_MAX_DATA_SIZE + 1:

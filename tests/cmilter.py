@@ -77,7 +77,9 @@ def wait_until_accepting(spec: str, proc: subprocess.Popen[bytes], timeout: floa
                 return
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise CMilterError(f"milter on {spec} not accepting after {timeout}s: {exc}")
+                    raise CMilterError(
+                        f"milter on {spec} not accepting after {timeout}s: {exc}"
+                    ) from exc
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
 
