@@ -475,3 +475,14 @@ def test_bad_arguments() -> None:
         SpfChecker(nameservers=[("127.0.0.1", 53)], void_lookup_limit=-1)
     with pytest.raises(ValueError):
         SpfChecker(nameservers=[("127.0.0.1", 53)], cache_size=-1)
+
+
+def test_empty_inputs(checker: SpfChecker) -> None:
+    assert checker.check_mailfrom("", "", "") == SpfResult(
+        "mailfrom", "none", sender="", checked=False,
+        comment=checker.check_mailfrom("", "", "").comment)
+    null = checker.check_mailfrom("127.0.0.1", "", "")
+    assert (null.result, null.checked, null.sender) == ("none", False, "postmaster@")
+    no_helo = checker.check_mailfrom("127.0.0.1", "a@pass.spf.test", "")
+    assert (no_helo.result, no_helo.checked) == ("pass", True)
+    assert checker.check_helo("", "").checked is False
