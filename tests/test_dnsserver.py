@@ -13,10 +13,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests import dnsserver
 from tests.dnsserver import DnsServer
-
-dns_server = dnsserver.dns_server  # until tests/conftest.py provides it
 
 
 def ask(server: DnsServer, name: str, qtype: str = "TXT", *, host: str = "127.0.0.1",

@@ -12,10 +12,8 @@ import pytest
 from spfmilter.dnscache import DnsCache
 from spfmilter.results import SpfResult
 from spfmilter.spfcheck import SpfChecker, _Answer, _Session, normalize_domain, split_sender
-from tests import dnsserver
 from tests.dnsserver import DnsServer
 
-dns_server = dnsserver.dns_server  # until tests/conftest.py provides it
 HELO = "mail.spf.test"
 
 
