@@ -508,8 +508,10 @@ class MilterClient:
     def quit_nc(self) -> None:
         """End the SMTP connection but keep the milter connection (SMFIC_QUIT_NC).
 
-        The next command must be ``connect()``: a new SMTP session over the
-        same milter connection, as an MTA that reuses milter connections does.
+        Only valid after a session (after ``eom()``, ``abort()`` or a stage
+        verdict), not straight after ``open()``.  The next command must be
+        ``connect()``: a new SMTP session over the same milter connection, as
+        an MTA that reuses milter connections does.
         """
         self._sendall(_packet(P.SMFIC_QUIT_NC), "quit_nc")
 

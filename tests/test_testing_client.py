@@ -86,7 +86,8 @@ def milters(sockdir: Path, binary: Path) -> Iterator[dict[str, str]]:
             procs.append(start_c_milter(spec, *args[name], binary=binary))
         yield specs
     finally:
-        stop_c_milters(procs)
+        codes = stop_c_milters(procs)
+    assert codes == [0] * len(specs)
 
 
 @pytest.fixture(params=["unix", "inet", "inet6"])
