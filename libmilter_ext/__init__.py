@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import socket as _socket
 import threading
 from typing import Any, Callable, ClassVar
 
@@ -322,15 +323,41 @@ def register(factory: Callable[[], Milter], name: str) -> None:
     _milter.register(name, make, _error_hook, ALL_ACTIONS | SMFIF_SETSYMLIST)
 
 
+_listening: list[str] = []  # the socket spec main() serves, for stop() to wake it
+
+
 def open_socket(spec: str, *, remove_stale: bool = True) -> None:
     """Create the listening socket now (before dropping privileges, say)."""
     _milter.setconn(spec)
     _milter.opensocket(remove_stale)
+    _listening[:] = [spec]
+
+
+def _wake(spec: str) -> None:
+    """Connect once to our own socket so libmilter's accept loop sees the stop at once
+    (otherwise it notices only at its next 5-second poll timeout)."""
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind in ("unix", "local"):
+            family, address = _socket.AF_UNIX, rest
+        else:
+            port, _, host = rest.partition("@")
+            family = _socket.AF_INET6 if kind == "inet6" else _socket.AF_INET
+            if not host or host in ("0.0.0.0", "::", "*"):
+                host = "::1" if family == _socket.AF_INET6 else "127.0.0.1"
+            address = (host, int(port))
+        with _socket.socket(family, _socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(address)
+    except (OSError, ValueError):
+        pass  # the 5-second poll still ends the loop
 
 
 def stop() -> None:
-    """Ask a running :func:`main` to return."""
+    """Ask a running :func:`main` to return (promptly)."""
     _milter.stop()
+    for spec in _listening:
+        _wake(spec)
 
 
 def main(*, on_hup: Callable[[], None] | None = None) -> None:
@@ -355,7 +382,7 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
         if signum == signal.SIGHUP and on_hup is not None:
             on_hup()
         else:
-            _milter.stop()
+            stop()
 
     previous = {s: signal.signal(s, on_signal)
                 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}

@@ -8,6 +8,8 @@ import logging
 import logging.handlers
 import os
 import pwd
+import socket
+import stat
 import sys
 
 import libmilter_ext as lm
@@ -83,6 +85,26 @@ def claim_pidfile(path: str) -> None:
             raise StartupError(f"{path}: spfmilter is already running as pid {pid}")
     log.warning("removing stale pidfile %s (pid %s)", path, pid or "unreadable")
     os.unlink(path)
+
+
+def clear_stale_socket(path: str) -> None:
+    """Remove a unix socket nobody listens on; refuse a live one or a non-socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or change"
+                           " [milter] socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            log.warning("removing stale socket %s", path)
+            os.unlink(path)
+            return
+    raise StartupError(f"{path}: another milter is already listening there")
 
 
 def _ids(cfg: Config) -> tuple[int | None, int | None]:
@@ -184,6 +206,7 @@ class Daemon:
             _prepare_dir(cfg.milter.pidfile, uid, gid)
         if sock_path:
             _prepare_dir(sock_path, uid, gid)
+            clear_stale_socket(sock_path)
         lm.register(factory(self.holder), cfg.milter.name)
         lm.settimeout(cfg.milter.timeout)
         old_umask = os.umask(cfg.milter.umask)
