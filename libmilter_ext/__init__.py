@@ -334,8 +334,7 @@ def open_socket(spec: str, *, remove_stale: bool = True) -> None:
 
 
 def _wake(spec: str) -> None:
-    """Connect once to our own socket so libmilter's accept loop sees the stop at once
-    (otherwise it notices only at its next 5-second poll timeout)."""
+    """Connect once to our own socket to end libmilter's accept poll early."""
     kind, _, rest = spec.partition(":")
     try:
         if kind in ("unix", "local"):
@@ -354,10 +353,17 @@ def _wake(spec: str) -> None:
 
 
 def stop() -> None:
-    """Ask a running :func:`main` to return (promptly)."""
-    _milter.stop()
-    for spec in _listening:
-        _wake(spec)
+    """Ask a running :func:`main` to return (promptly).
+
+    smfi_stop waits for libmilter's accept loop, which polls with a 5-second
+    timeout; connecting to our own socket meanwhile ends that wait at once.
+    """
+    stopper = threading.Thread(target=_milter.stop, name="smfi_stop", daemon=True)
+    stopper.start()
+    while stopper.is_alive():
+        for spec in _listening:
+            _wake(spec)
+        stopper.join(0.05)
 
 
 def main(*, on_hup: Callable[[], None] | None = None) -> None:

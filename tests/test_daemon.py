@@ -364,3 +364,26 @@ def test_config_error_refuses_start_with_file_line(tmp_path):
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 1 and f"{cfg}:5:" in out.stderr
+
+
+@pytest.mark.parametrize("on_error,action,code", [
+    ("tempfail", "replycode", (451, "4.3.0")),
+    ("reject", "replycode", (550, "5.3.0")),
+    ("accept", "continue", (None, None)),
+])
+def test_internal_error_gives_on_error_verdict(dns_server, on_error, action, code):
+    with tempfile.TemporaryDirectory(prefix="spfe", dir="/tmp") as d:
+        work = Path(d)
+        cfg = work / "c.cfg"
+        write_config(cfg, work, dns_server)
+        text = cfg.read_text().replace("timeout = 30", f"timeout = 30\non_error = {on_error}")
+        cfg.write_text(text)
+        argv = [PYTHON, str(ROOT / "tests" / "milters" / "spf_broken_dns.py"), str(cfg)]
+        with Daemon(argv, f"unix:{work}/spf.sock", work) as proc:
+            resp = run(proc, sender="<boom@pass.spf.test>")
+            assert (resp.action, resp.code, resp.xcode) == (action, *code)
+            assert run(proc).action == "continue"  # the daemon keeps serving
+            err = proc.stderr()
+        assert err.count("checker exploded") >= 1
+        assert err.count("Traceback (most recent call last)") == 1
+        assert f"internal error in envfrom, action={on_error}" in err
