@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 _VERDICTS = {"accept": lm.CONTINUE, "reject": lm.REJECT, "tempfail": lm.TEMPFAIL}
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+_UNSAFE_IN_QUOTES = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # also '"' and '\\'
+
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,18 @@ def logvalue(value: object) -> str:
         return "-"
     text = str(value)
     if _UNSAFE.search(text) or '"' in text or "=" in text:
-        text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
-        text = '"' + text.replace('"', '\\"').replace(" ", "\\x20") + '"'
+        text = '"' + _UNSAFE_IN_QUOTES.sub(_escape_char, text) + '"'
     return text
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in '"\\':
+        return "\\" + char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte carried as a surrogate escape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class SpfMilter(lm.Milter):
