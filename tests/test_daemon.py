@@ -387,3 +387,32 @@ def test_internal_error_gives_on_error_verdict(dns_server, on_error, action, cod
         assert err.count("checker exploded") >= 1
         assert err.count("Traceback (most recent call last)") == 1
         assert f"internal error in envfrom, action={on_error}" in err
+
+
+def test_root_start_drops_privileges_and_socket_is_usable(dns_server):
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    with tempfile.TemporaryDirectory(prefix="spfp", dir="/tmp") as d:
+        base = Path(d)
+        base.chmod(0o755)
+        run_dir = base / "run"  # like /run/spfmilter: owned by the milter's user
+        run_dir.mkdir()
+        os.chown(run_dir, nobody.pw_uid, nobody.pw_gid)
+        cfg = base / "c.cfg"
+        write_config(cfg, run_dir, dns_server)
+        cfg.write_text(cfg.read_text().replace("user =\ngroup =\n",
+                                               "user = nobody\ngroup = nogroup\n"))
+        proc = Daemon([PYTHON, "-m", "spfmilter", "-c", str(cfg), "run", "--stderr"],
+                      f"unix:{run_dir}/spf.sock", base).start()
+        try:
+            status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert uids.split()[1:] == [str(nobody.pw_uid)] * 4
+            sock = os.stat(run_dir / "spf.sock")
+            assert (sock.st_uid, oct(sock.st_mode & 0o777)) == (nobody.pw_uid, "0o770")
+            assert run(proc).action == "continue"
+            assert run(proc, sender="<u@fail.spf.test>").code == 550
+        finally:
+            assert proc.stop(signal.SIGTERM) == 0
+        assert not (run_dir / "spf.pid").exists() and not (run_dir / "spf.sock").exists()
+        assert "Traceback" not in proc.stderr()
