@@ -360,3 +360,36 @@ def test_example_sample_milter(shortdir):
     last = list(spam.values())[-1]
     assert (last.action, last.code, last.text) == ("replycode", 550, "We don't want that here.")
     assert "connect from" in d.stdout() and "header Subject: cheap VIAGRA" in d.stdout()
+
+
+def test_message_milter_sees_the_whole_mime_message(shortdir):
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["Subject"] = "caf\u00e9 report"
+    msg["X-Shout"] = "yes"
+    msg.set_content("hello there\n" + "filler line\n" * 300)
+    msg.add_attachment(b"\x00\x01" * 5000, maintype="application", subtype="octet-stream",
+                       filename="data.bin")
+    raw = msg.as_bytes()
+    head, body = raw.split(b"\n\n", 1)
+    headers = []
+    for line in head.decode().split("\n"):
+        if line[:1] in (" ", "\t"):
+            name, value = headers[-1]
+            headers[-1] = (name, value + "\r\n" + line)
+        else:
+            name, value = line.split(":", 1)
+            headers.append((name, value.strip()))
+    work = shortdir / "whole"
+    work.mkdir()
+    spec = f"unix:{shortdir}/whole.sock"
+    with Daemon([PYTHON, str(MILTERS / "whole_message.py"), spec], spec, work):
+        result = session(spec, ip="192.0.2.1", helo="h", sender="<a@example.org>",
+                         headers=headers, body=body.replace(b"\n", b"\r\n"))
+    last = list(result.values())[-1]
+    h = dict(last.added_headers())
+    assert h["X-Parts"] == "2"
+    assert h["X-Subject"] == "caf\u00e9 report"
+    assert h["X-Attachments"] == "data.bin"
+    assert last.replaced_body.startswith(b"HELLO THERE\nFILLER LINE\n")
