@@ -21,6 +21,10 @@ from .spfcheck import SpfChecker
 
 log = logging.getLogger("spfmilter")
 
+# Start, stop and reload go above INFO, which is kept for one line per transaction.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
+
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why."""
@@ -42,6 +46,7 @@ def setup_logging(cfg: Config, *, force_stderr: bool = False) -> None:
     if cfg.milter.log_target == "syslog" and not force_stderr and os.path.exists("/dev/log"):
         facility = logging.handlers.SysLogHandler.facility_names[cfg.milter.log_facility]
         handler = logging.handlers.SysLogHandler(address="/dev/log", facility=facility)
+        handler.priority_map = {**handler.priority_map, "NOTICE": "notice"}
         handler.setFormatter(logging.Formatter(f"spfmilter[{os.getpid()}]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -188,7 +193,7 @@ class Daemon:
         setup_logging(new, force_stderr=self._stderr)
         for warning in configmod.warnings(new):
             log.warning("%s", warning)
-        log.info("configuration reloaded from %s", self.path)
+        log.log(NOTICE, "configuration reloaded from %s", self.path)
         return True
 
     def run(self, *, detach: bool = False, stderr: bool = False) -> int:
@@ -226,7 +231,7 @@ class Daemon:
             if os.geteuid() == 0:
                 os.chown(cfg.milter.pidfile, uid if uid is not None else -1, -1)
         drop_privileges(uid, gid, cfg.milter.user)
-        log.info("spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
+        log.log(NOTICE, "spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
                  ".".join(map(str, lm.version())), cfg.spf.authserv_id)
         try:
             lm.main(on_hup=self.reload)
@@ -237,5 +242,5 @@ class Daemon:
                         os.unlink(path)
                     except OSError:
                         pass
-            log.info("spfmilter stopped")
+            log.log(NOTICE, "spfmilter stopped")
         return 0
