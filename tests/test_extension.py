@@ -149,6 +149,18 @@ def test_plain_verdicts(kitchen, local, action):
         assert c.mail(f"<{local}@example.org>").action == action
 
 
+@pytest.mark.parametrize("local,code,xcode,text", [
+    ("rejectnotext", 550, "5.7.1", ""),
+    ("rejectnoxcode", 553, None, "only text"),
+])
+def test_setreply_with_or_without_text(kitchen, local, code, xcode, text):
+    with _open(kitchen.spec) as c:
+        c.connect("h", "192.0.2.1", 1)
+        resp = c.mail(f"<{local}@example.org>")
+    assert (resp.action, resp.code, resp.xcode, resp.text or "") == ("replycode", code, xcode,
+                                                                     text)
+
+
 def test_crlf_in_reply_text_becomes_two_lines(kitchen):
     with _open(kitchen.spec) as c:
         c.connect("h", "192.0.2.1", 1)

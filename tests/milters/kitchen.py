@@ -60,6 +60,12 @@ class Kitchen(lm.Milter):
         if local == "reject":
             self.setreply("550", "5.7.1", "100% rejected", "second line", "x" * 700)
             return lm.REJECT
+        if local == "rejectnotext":
+            self.setreply("550", "5.7.1")
+            return lm.REJECT
+        if local == "rejectnoxcode":
+            self.setreply("553", None, "only text")
+            return lm.REJECT
         if local == "rejectplain":
             return lm.REJECT
         if local == "tempfail":
