@@ -405,3 +405,17 @@ def test_message_milter_sees_the_whole_mime_message(shortdir):
     assert h["X-Subject"] == "caf\u00e9 report"
     assert h["X-Attachments"] == "data.bin"
     assert last.replaced_body.startswith(b"HELLO THERE\nFILLER LINE\n")
+
+
+def test_daemon_settings_calls():
+    old = lm.setmaxdatasize(1024 * 1024)
+    assert old in (65535, 262143, 1048575, 1024 * 1024)
+    assert lm.setmaxdatasize(old) == 1024 * 1024
+    lm.setbacklog(32)
+    lm.setdbg(0)
+    lm.settimeout(600)
+    with pytest.raises(ValueError):
+        lm.settimeout(-1)
+    with pytest.raises(lm.MilterError):
+        lm._milter.setconn("nonsense:spec")
+        lm._milter.opensocket(False)
