@@ -416,3 +416,24 @@ def test_root_start_drops_privileges_and_socket_is_usable(dns_server):
             assert proc.stop(signal.SIGTERM) == 0
         assert not (run_dir / "spf.pid").exists() and not (run_dir / "spf.sock").exists()
         assert "Traceback" not in proc.stderr()
+
+
+def _reload(daemon) -> None:
+    n = daemon.stderr().count("configuration reloaded")
+    daemon.proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: daemon.stderr().count("configuration reloaded") > n)
+
+
+def test_test_only_never_rejects_but_logs_the_verdict(daemon, workdir, dns_server):
+    write_config(daemon.cfg, workdir, dns_server, policy="test_only = yes")
+    _reload(daemon)
+    try:
+        resp = run(daemon, sender="<u@fail.spf.test>", macros={"mail": {"i": "QTEST"}})
+        assert resp.action == "continue"
+        assert spf_results(resp)["mailfrom"] == "fail"
+        _wait_for(lambda: "qid=QTEST" in daemon.stderr())
+        line = next(x for x in daemon.stderr().splitlines() if "qid=QTEST" in x)
+        assert "action=accept would=reject" in line
+    finally:
+        write_config(daemon.cfg, workdir, dns_server)
+        _reload(daemon)
