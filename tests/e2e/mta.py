@@ -176,6 +176,36 @@ def postfix_binary() -> Path:
     return Path(POSTFIX)
 
 
+@dataclass(frozen=True)
+class SaslUser:
+    """A user in a Cyrus sasldb that both MTAs authenticate against."""
+
+    db: Path
+    name: str
+    password: str
+
+
+def make_sasldb(path: Path, name: str, password: str, realm: str = AUTHSERV_ID,
+                group: str = "") -> SaslUser:
+    """A sasldb file with one user (realm: the MTAs' host name, Cyrus' default)."""
+    if not shutil.which("saslpasswd2"):
+        apt_install(["sasl2-bin"])
+    made = _run(["saslpasswd2", "-c", "-p", "-f", str(path), "-u", realm, name],
+                input=password)
+    if made.returncode != 0 or not path.exists():
+        raise HarnessError(f"saslpasswd2 failed:\n{made.stdout}{made.stderr}")
+    if group:
+        shutil.chown(path, group=group)
+    path.chmod(0o640)
+    return SaslUser(path, name, password)
+
+
+def sasl_config(sasl: SaslUser) -> str:
+    """Cyrus SASL application config: PLAIN/LOGIN checked against the sasldb."""
+    return (f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {sasl.db}\n"
+            "mech_list: PLAIN LOGIN\n")
+
+
 # ---------------------------------------------------------------------------
 # Small helpers
 
@@ -348,14 +378,18 @@ class Mailbox:
         self.directory = directory
 
     def files(self) -> list[Path]:
+        """Delivered files: not dot-files, not in a maildir's tmp/ (still being written)."""
         return sorted(p for p in self.directory.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
+                      if p.is_file() and not p.name.startswith(".") and p.parent.name != "tmp")
 
     def find(self, token: str) -> list[Message]:
         """Delivered messages whose text contains token."""
         found = []
         for path in self.files():
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:  # maildir new/ -> cur/ by someone else: not here
+                continue
             if token.encode() in data:
                 found.append(email.parser.BytesParser(policy=email.policy.compat32)
                              .parsebytes(data))
@@ -495,14 +529,16 @@ class SyslogSink:
         self.sock.close()
 
 
-def private_namespace(sink: Path, hosts: Path, stash: Path) -> list[str]:
-    """argv prefix: run a command in its own mount namespace with our /dev/log and /etc/hosts.
+def private_namespace(sink: Path, hosts: Path, sasl_dir: Path, stash: Path) -> list[str]:
+    """argv prefix: run a command in its own mount namespace with our files in system places.
 
-    Sendmail logs only through syslog(3) to /dev/log, and at start it looks up
+    Sendmail logs only through syslog(3) to /dev/log; at start it looks up
     this machine's name through the C library (/etc/hosts), sleeping a minute
-    when the name is not qualified.  A private mount namespace with a fresh
-    /dev holding our syslog socket and our hosts file over /etc/hosts fixes
-    both without touching the host.
+    when the name is not qualified; and Cyrus SASL reads its Sendmail.conf
+    only from fixed directories.  A private mount namespace with a fresh /dev
+    holding our syslog socket, our hosts file over /etc/hosts and our SASL
+    config directory over /usr/lib/sasl2 serves all three without touching
+    the host.
     """
     if not shutil.which("unshare") or _run(["unshare", "-m", "true"]).returncode != 0:
         raise HarnessError("unshare -m (a private mount namespace) does not work here")
@@ -513,9 +549,10 @@ def private_namespace(sink: Path, hosts: Path, stash: Path) -> list[str]:
         '[ -e "$STASH/$n" ] || continue; : > /dev/$n; mount --bind "$STASH/$n" /dev/$n; done; '
         "ln -s /proc/self/fd /dev/fd; "
         ': > /dev/log; mount --bind "$SINK" /dev/log; '
-        'mount --bind "$HOSTS" /etc/hosts; exec "$@"'
+        'mount --bind "$HOSTS" /etc/hosts; mount --bind "$SASL" /usr/lib/sasl2; exec "$@"'
     )
-    return ["env", f"STASH={stash}", f"SINK={sink}", f"HOSTS={hosts}", "unshare", "-m",
+    return ["env", f"STASH={stash}", f"SINK={sink}", f"HOSTS={hosts}", f"SASL={sasl_dir}",
+            "unshare", "-m",
             "--propagation", "private", "sh", "-c", script, "sh"]
 
 
@@ -548,9 +585,13 @@ class Sendmail(Mta):
 
     name = "sendmail"
 
-    def __init__(self, workdir: Path, milter_socket: str) -> None:
+    def __init__(self, workdir: Path, milter_socket: str, sasl: SaslUser) -> None:
         self.workdir = workdir
+        workdir.mkdir(mode=0o755, exist_ok=True)
         self.binary = sendmail_binary()
+        sasl_dir = workdir / "sasl2"
+        sasl_dir.mkdir(mode=0o755, exist_ok=True)
+        (sasl_dir / "Sendmail.conf").write_text(sasl_config(sasl))
         self.hosts = ("127.0.0.1", "::1") if ipv6_loopback() else ("127.0.0.1",)
         self.port = free_port(self.hosts)
         self.milter_name, snippet = sendmail_snippet(milter_socket)
@@ -584,7 +625,7 @@ class Sendmail(Mta):
     def start(self) -> Sendmail:
         self.sink = SyslogSink(self.workdir / "syslog.sock", self.logfile)
         wrapper = private_namespace(self.workdir / "syslog.sock", self.workdir / "hosts",
-                                    self.workdir / "dev")
+                                    self.workdir / "sasl2", self.workdir / "dev")
         argv = [*wrapper, str(self.binary), "-C", str(self.cf), "-bD"]
         with open(self.stderr_file, "ab") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err,
@@ -618,8 +659,9 @@ class Postfix(Mta):
 
     name = "postfix"
 
-    def __init__(self, workdir: Path, milter_socket: str, *, sasl_db: Path | None = None) -> None:
+    def __init__(self, workdir: Path, milter_socket: str, sasl: SaslUser) -> None:
         self.workdir = workdir
+        workdir.mkdir(mode=0o755, exist_ok=True)
         self.binary = postfix_binary()
         self.hosts = ("127.0.0.1", "::1") if ipv6_loopback() else ("127.0.0.1",)
         self.port = free_port(self.hosts)
@@ -637,20 +679,26 @@ class Postfix(Mta):
                        WORK=workdir, HOSTNAME=AUTHSERV_ID, MAIL_DOMAIN=MAIL_DOMAIN,
                        INET_PROTOCOLS="all" if "::1" in self.hosts else "ipv4",
                        MAIL_UID=nobody.pw_uid, MAIL_GID=nobody.pw_gid,
-                       SASL_ENABLE="yes" if sasl_db else "no", SNIPPET=self.snippet)
+                       SNIPPET=self.snippet)
         (self.config_dir / "main.cf").write_text(main_cf)
         listen = "\n".join(
             f"{'[::1]' if ':' in host else host}:{self.port} inet n - n - - smtpd"
             for host in self.hosts)
         master = fill((DATA / "postfix-master.cf.in").read_text(), LISTEN=listen)
         (self.config_dir / "master.cf").write_text(master.replace("1000?", "1000"))
-        if sasl_db is not None:
-            (self.config_dir / "smtpd.conf").write_text(
-                "pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
-                f"sasldb_path: {sasl_db}\nmech_list: PLAIN LOGIN\n")
+        # Debian's Postfix reads the Cyrus config from $config_directory/sasl.
+        (self.config_dir / "sasl").mkdir(mode=0o755, exist_ok=True)
+        (self.config_dir / "sasl" / "smtpd.conf").write_text(sasl_config(sasl))
         self.mailbox = Mailbox(workdir / "mail")
         self.logfile = workdir / "maillog"
         self.started = False
+
+    def postfix_config(self) -> dict[str, str]:
+        """The instance's effective non-default main.cf settings (postconf -n)."""
+        out = _run(["postconf", "-c", str(self.config_dir), "-n"])
+        if out.returncode != 0:
+            raise HarnessError(f"postconf -n failed:\n{out.stderr}")
+        return settings(out.stdout)
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return _run([str(self.binary), "-c", str(self.config_dir), *args])

@@ -1,0 +1,274 @@
+"""What every MTA must show with spfmilter in front of it: SMTP sessions, mail delivered.
+
+:class:`MtaScenarios` holds the tests; ``test_sendmail.py`` and
+``test_postfix.py`` subclass it with module fixtures ``mta`` (a started
+:class:`~tests.e2e.mta.Mta`), ``milter`` (the running
+:class:`~tests.e2e.mta.SpfMilter`) and ``sasl_user``, and say how their MTA
+answers when the milter is down.
+
+Clients: 127.0.0.1 is the only internal host; 127.0.0.2 ... 127.0.0.9 and ::1
+are outside clients (see data/spfmilter.cfg.in).  Expected SPF results come
+from tests/data/zones/README.  The policy is spfmilter's default.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from email.message import Message
+
+import authres
+import pytest
+
+from tests.e2e.mta import AUTHSERV_ID, Mailbox, Mta, Reply, SaslUser, SpfMilter, message
+
+#: RFC 7372 replies of the default policy.
+SPF_FAIL = (550, "5.7.23")
+SPF_TEMPERROR = (451, "4.7.24")
+ACCEPTED = 250
+DATA_GO_AHEAD = 354
+
+PASS_HELO = "pass.spf.test"
+_tokens = itertools.count(1)
+
+
+def token(label: str) -> str:
+    """A string unique to one test message (its Subject, Message-ID and body carry it)."""
+    return f"{label}-{next(_tokens)}"
+
+
+def unfold(value: str) -> str:
+    return re.sub(r"\r?\n[ \t]+", " ", value).strip()
+
+
+def auth_results(msg: Message) -> list[authres.AuthenticationResultsHeader]:
+    """The message's Authentication-Results fields, parsed, top first."""
+    return [authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {unfold(v)}")
+            for v in msg.get_all("Authentication-Results", [])]
+
+
+def ours(msg: Message) -> authres.AuthenticationResultsHeader:
+    """The one Authentication-Results field with our authserv-id."""
+    mine = [h for h in auth_results(msg) if h.authserv_id.lower() == AUTHSERV_ID]
+    assert len(mine) == 1, f"expected one AR field for {AUTHSERV_ID}: {msg.items()}"
+    return mine[0]
+
+
+def our_field(msg: Message) -> str:
+    """The text of our Authentication-Results field (unfolded)."""
+    ours(msg)
+    return next(unfold(v) for v in msg.get_all("Authentication-Results")
+                if unfold(v).lower().startswith(AUTHSERV_ID))
+
+
+def spf(header: authres.AuthenticationResultsHeader) -> dict[str, tuple[str, str]]:
+    """{'helo'|'mailfrom': (result, value)} of the header's spf= results."""
+    found = {}
+    for result in header.results:
+        if result.method == "spf":
+            for prop in result.properties:
+                if prop.type == "smtp":
+                    found[prop.name] = (result.result, prop.value)
+    return found
+
+
+def assert_reply(reply: Reply, expected: tuple[int, str]) -> None:
+    assert (reply.code, reply.enhanced) == expected, reply
+
+
+def send(mta: Mta, *, source: str, helo: str, sender: str, label: str,
+         extra_headers: tuple[str, ...] = ()) -> tuple[str, Reply]:
+    """One message in one session; (token, reply to MAIL FROM or to the end of DATA)."""
+    tok = token(label)
+    with mta.connect(source, helo) as client:
+        reply = client.mail(sender)
+        if reply.code != ACCEPTED:
+            return tok, reply
+        assert client.rcpt().code == ACCEPTED
+        return tok, client.data(message(tok, sender=sender, extra_headers=extra_headers))
+
+
+def assert_not_delivered(mailbox: Mailbox, tok: str) -> None:
+    assert mailbox.find(tok) == [], f"{tok} was delivered"
+
+
+class MtaScenarios:
+    """The end-to-end behaviour, the same through every MTA."""
+
+    #: (code, enhanced code) the MTA gives at MAIL FROM while spfmilter is down.
+    MILTER_DOWN: tuple[int, str]
+
+    # -- verdicts ------------------------------------------------------------
+
+    @pytest.mark.parametrize("source", ["127.0.0.2", "::1"])
+    def test_pass_is_delivered_with_our_header_on_top(self, mta: Mta, source: str) -> None:
+        tok, reply = send(mta, source=source, helo=PASS_HELO, sender="alice@pass.spf.test",
+                          label="pass")
+        assert reply.code == ACCEPTED, reply
+        msg = mta.mailbox.wait_for(tok)
+        names = [name.lower() for name in msg.keys()]
+        top = names.index("authentication-results")
+        # Above the MTA's own Received: field and everything the client sent.
+        assert top < names.index("received") < names.index("from"), names
+        assert spf(ours(msg)) == {"helo": ("pass", PASS_HELO),
+                                  "mailfrom": ("pass", "pass.spf.test")}
+        assert msg["Received-SPF"].startswith("pass ")
+
+    def test_ipv6_client_checked_against_ip6_mechanism(self, mta: Mta) -> None:
+        tok, reply = send(mta, source="::1", helo=PASS_HELO, sender="alice@ip6.spf.test",
+                          label="ip6")
+        assert reply.code == ACCEPTED, reply
+        assert spf(ours(mta.mailbox.wait_for(tok)))["mailfrom"] == ("pass", "ip6.spf.test")
+
+    @pytest.mark.parametrize("source", ["127.0.0.3", "::1"])
+    def test_fail_is_rejected_and_nothing_delivered(self, mta: Mta, source: str) -> None:
+        tok = token("fail")
+        with mta.connect(source, PASS_HELO) as client:
+            reply = client.mail("bob@fail.spf.test")
+            assert_reply(reply, SPF_FAIL)
+            assert "SPF fail" in reply.text
+            assert "is not allowed to send mail for fail.spf.test" in reply.text
+            # The client cannot push the message through anyway.
+            assert client.rcpt().code >= 500
+            assert client.data(message(tok, sender="bob@fail.spf.test")).code >= 500
+            assert client.rset().code == ACCEPTED
+        assert_not_delivered(mta.mailbox, tok)
+
+    @pytest.mark.parametrize(("sender", "result"), [
+        ("carol@softfail.spf.test", "softfail"),
+        ("dan@neutral.spf.test", "neutral"),
+        ("erin@none.spf.test", "none"),
+        ("frank@nosuch.invalid", "none"),
+        ("grace@permerror.spf.test", "permerror"),
+    ])
+    def test_default_policy_accepts_and_labels(self, mta: Mta, sender: str,
+                                               result: str) -> None:
+        tok, reply = send(mta, source="127.0.0.4", helo=PASS_HELO, sender=sender,
+                          label=result)
+        assert reply.code == ACCEPTED, reply
+        domain = sender.split("@")[1]
+        assert spf(ours(mta.mailbox.wait_for(tok)))["mailfrom"] == (result, domain)
+
+    @pytest.mark.parametrize("sender", ["heidi@servfail.test", "ivan@inc-servfail.spf.test"])
+    def test_temperror_is_tempfailed(self, mta: Mta, sender: str) -> None:
+        tok, reply = send(mta, source="127.0.0.4", helo=PASS_HELO, sender=sender,
+                          label="temperror")
+        assert_reply(reply, SPF_TEMPERROR)
+        assert "SPF temperror" in reply.text
+        assert_not_delivered(mta.mailbox, tok)
+
+    # -- identities ----------------------------------------------------------
+
+    def test_null_sender_is_judged_on_helo(self, mta: Mta) -> None:
+        # <> is checked as postmaster@HELO: softfail.spf.test gives softfail...
+        tok, reply = send(mta, source="127.0.0.5", helo="softfail.spf.test", sender="",
+                          label="bounce")
+        assert reply.code == ACCEPTED, reply
+        results = spf(ours(mta.mailbox.wait_for(tok)))
+        assert results["mailfrom"][0] == "softfail"
+        assert results["helo"] == ("softfail", "softfail.spf.test")
+        # ... and a failing HELO name has the bounce rejected.
+        tok, reply = send(mta, source="127.0.0.5", helo="helo-fail.spf.test", sender="",
+                          label="bounce-fail")
+        assert_reply(reply, SPF_FAIL)
+        assert "helo-fail.spf.test" in reply.text
+        assert_not_delivered(mta.mailbox, tok)
+
+    # -- clients that are not checked ----------------------------------------
+
+    def test_internal_client_is_not_checked(self, mta: Mta) -> None:
+        tok, reply = send(mta, source="127.0.0.1", helo=PASS_HELO, sender="bob@fail.spf.test",
+                          label="internal")
+        assert reply.code == ACCEPTED, reply
+        msg = mta.mailbox.wait_for(tok)
+        assert spf(ours(msg)) == {}
+        assert "SPF not checked: internal host" in our_field(msg)
+
+    def test_authenticated_client_is_not_checked(self, mta: Mta, sasl_user: SaslUser) -> None:
+        tok = token("auth")
+        with mta.connect("127.0.0.6", PASS_HELO) as client:
+            # The same sender is refused before the client logs in ...
+            assert_reply(client.mail("bob@fail.spf.test"), SPF_FAIL)
+            assert client.rset().code == ACCEPTED
+            login = client.auth_plain(sasl_user.name, sasl_user.password)
+            assert login.code == 235, login
+            # ... and accepted after.
+            assert client.mail("bob@fail.spf.test").code == ACCEPTED
+            assert client.rcpt().code == ACCEPTED
+            reply = client.data(message(tok, sender="bob@fail.spf.test"))
+            assert reply.code == ACCEPTED, reply
+        msg = mta.mailbox.wait_for(tok)
+        assert spf(ours(msg)) == {}
+        assert "SPF not checked: authenticated" in our_field(msg)
+
+    def test_wrong_password_does_not_skip_the_check(self, mta: Mta,
+                                                    sasl_user: SaslUser) -> None:
+        with mta.connect("127.0.0.6", PASS_HELO) as client:
+            assert client.auth_plain(sasl_user.name, "wrong").code == 535
+            assert_reply(client.mail("bob@fail.spf.test"), SPF_FAIL)
+
+    # -- headers -------------------------------------------------------------
+
+    def test_forged_results_removed_others_kept(self, mta: Mta) -> None:
+        forged = (
+            f"Authentication-Results: {AUTHSERV_ID}; spf=pass smtp.mailfrom=bank.example",
+            "Authentication-Results: other.example; dkim=pass header.d=pass.spf.test",
+            f"Authentication-Results: {AUTHSERV_ID};\r\n\tdmarc=pass header.from=bank.example",
+        )
+        tok, reply = send(mta, source="127.0.0.2", helo=PASS_HELO, sender="alice@pass.spf.test",
+                          label="forged", extra_headers=forged)
+        assert reply.code == ACCEPTED, reply
+        msg = mta.mailbox.wait_for(tok)
+        headers = auth_results(msg)
+        assert [h.authserv_id for h in headers] == [AUTHSERV_ID, "other.example"]
+        assert spf(headers[0])["mailfrom"] == ("pass", "pass.spf.test")
+        assert [(r.method, r.result) for r in headers[1].results] == [("dkim", "pass")]
+        assert "bank.example" not in "".join(msg.get_all("Authentication-Results"))
+
+    # -- sessions ------------------------------------------------------------
+
+    def test_each_message_of_a_session_judged_on_its_own(self, mta: Mta) -> None:
+        first, second, third = token("multi"), token("multi"), token("multi")
+        with mta.connect("127.0.0.5", PASS_HELO) as client:
+            assert_reply(client.mail("bob@fail.spf.test"), SPF_FAIL)
+            assert client.mail("alice@pass.spf.test").code == ACCEPTED
+            assert client.rcpt().code == ACCEPTED
+            assert client.data(message(first, sender="alice@pass.spf.test")).code == ACCEPTED
+            # Next transaction right after DATA, without RSET.
+            assert client.mail("carol@softfail.spf.test").code == ACCEPTED
+            assert client.rcpt().code == ACCEPTED
+            assert client.data(message(second, sender="carol@softfail.spf.test")).code == \
+                ACCEPTED
+            assert_reply(client.mail("heidi@servfail.test"), SPF_TEMPERROR)
+            # A transaction abandoned with RSET leaves nothing behind.
+            assert client.mail("dan@neutral.spf.test").code == ACCEPTED
+            assert client.rset().code == ACCEPTED
+            assert client.mail("judy@include.spf.test").code == ACCEPTED
+            assert client.rcpt().code == ACCEPTED
+            assert client.data(message(third, sender="judy@include.spf.test")).code == ACCEPTED
+        expected = {first: ("pass", "pass.spf.test"),
+                    second: ("softfail", "softfail.spf.test"),
+                    third: ("pass", "include.spf.test")}
+        for tok, result in expected.items():
+            msg = mta.mailbox.wait_for(tok)
+            assert len(msg.get_all("Authentication-Results")) == 1
+            assert spf(ours(msg))["mailfrom"] == result
+
+    # -- the milter going away -----------------------------------------------
+
+    def test_milter_down_tempfails_then_restart_recovers(self, mta: Mta,
+                                                         milter: SpfMilter) -> None:
+        assert milter.stop() == 0
+        try:
+            tok = token("down")
+            with mta.connect("127.0.0.2", PASS_HELO) as client:
+                reply = client.mail("alice@pass.spf.test")
+                assert_reply(reply, self.MILTER_DOWN)
+                assert client.rcpt().code >= 500  # no sender, no recipient
+            assert_not_delivered(mta.mailbox, tok)
+        finally:
+            milter.start()
+        tok, reply = send(mta, source="127.0.0.2", helo=PASS_HELO,
+                          sender="alice@pass.spf.test", label="restarted")
+        assert reply.code == ACCEPTED, reply
+        assert spf(ours(mta.mailbox.wait_for(tok)))["mailfrom"] == ("pass", "pass.spf.test")
