@@ -95,7 +95,8 @@ def assert_not_delivered(mailbox: Mailbox, tok: str) -> None:
 class MtaScenarios:
     """The end-to-end behaviour, the same through every MTA."""
 
-    #: (code, enhanced code) the MTA gives at MAIL FROM while spfmilter is down.
+    #: (code, enhanced code) the MTA gives at MAIL FROM while spfmilter is down,
+    #: whether it went away before or during the SMTP session.
     MILTER_DOWN: tuple[int, str]
 
     # -- verdicts ------------------------------------------------------------
@@ -255,6 +256,22 @@ class MtaScenarios:
             assert spf(ours(msg))["mailfrom"] == result
 
     # -- the milter going away -----------------------------------------------
+
+    def test_milter_stopped_mid_session(self, mta: Mta, milter: SpfMilter) -> None:
+        before, after = token("mid"), token("mid")
+        try:
+            with mta.connect("127.0.0.7", PASS_HELO) as client:
+                assert client.mail("alice@pass.spf.test").code == ACCEPTED
+                assert client.rcpt().code == ACCEPTED
+                assert client.data(message(before, sender="alice@pass.spf.test")).code == \
+                    ACCEPTED
+                assert milter.stop() == 0
+                assert_reply(client.mail("alice@pass.spf.test"), self.MILTER_DOWN)
+        finally:
+            if not milter.running:
+                milter.start()
+        assert spf(ours(mta.mailbox.wait_for(before)))["mailfrom"] == ("pass", "pass.spf.test")
+        assert_not_delivered(mta.mailbox, after)
 
     def test_milter_down_tempfails_then_restart_recovers(self, mta: Mta,
                                                          milter: SpfMilter) -> None:
