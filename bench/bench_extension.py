@@ -85,6 +85,7 @@ C_LABEL = "C libmilter"
 EXT_LABEL = "libmilter_ext"
 EXT_NEG_LABEL = "libmilter_ext (negotiated)"
 PY_LABEL = "pymilter"
+CANDIDATE_LABEL = "libmilter_ext (candidate)"
 
 
 class BenchError(Exception):
@@ -435,12 +436,13 @@ def median_cells(rounds: Sequence[Sequence[Cell]]) -> list[Cell]:
 
 
 def ratio_report(cells: list[Cell], modes: Sequence[str], concurrencies: Sequence[int],
-                 target_conns: int = 32, c_factor: float = 1.5) -> tuple[list[str], dict]:
+                 target_conns: int = 32, c_factor: float = 1.5,
+                 ext_label: str = EXT_LABEL) -> tuple[list[str], dict]:
     """Lines comparing libmilter_ext with pymilter and C, and the verdict on the targets."""
     by = {(c.impl, c.mode, c.concurrency): c for c in cells}
     lines = [
         "",
-        "ratios: msgs/s (targets: ext/py >= 1 everywhere, C/ext <= "
+        f"ratios of {ext_label} (ext): msgs/s (targets: ext/py >= 1 everywhere, C/ext <= "
         f"{c_factor} at {target_conns} connections) and milter CPU per message (lower is better)",
         f"{'mode':<7} {'conns':>5} {'ext/py msgs/s':>13} {'C/ext msgs/s':>12} "
         f"{'ext/py CPU/msg':>14} {'ext/C CPU/msg':>13}",
@@ -451,7 +453,7 @@ def ratio_report(cells: list[Cell], modes: Sequence[str], concurrencies: Sequenc
         compared_py = False
         c_ratio_at_target = None
         for conns in concurrencies:
-            ext = by.get((EXT_LABEL, mode, conns))
+            ext = by.get((ext_label, mode, conns))
             py = by.get((PY_LABEL, mode, conns))
             cc = by.get((C_LABEL, mode, conns))
             if ext is None:
@@ -480,7 +482,7 @@ def ratio_report(cells: list[Cell], modes: Sequence[str], concurrencies: Sequenc
                    else f"MISSED at {', '.join(map(str, slower_than_py))} connections")
         c_text = ("not measured" if c_ok is None
                   else f"{'met' if c_ok else 'MISSED'} (C/ext {c_ratio_at_target:.2f}x)")
-        lines.append(f"targets, {mode}: libmilter_ext >= pymilter at every concurrency: "
+        lines.append(f"targets, {mode}: {ext_label} >= pymilter at every concurrency: "
                      f"{py_text}; within {c_factor}x of C at {target_conns} connections: "
                      f"{c_text}")
     return lines, verdicts
@@ -546,9 +548,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default: a tenth of --messages)")
     parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32],
                         help="comma-separated numbers of concurrent connections (default 1,8,32)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="repeat the whole matrix; the table shows each cell's median "
-                             "round by msgs/s (default 1)")
+                             "round by msgs/s (default 3)")
     parser.add_argument("--modes", type=mode_list, default=["session", "reuse"],
                         help="session, reuse or both (default session,reuse)")
     parser.add_argument("--socket", choices=("unix", "inet"), default="unix",
@@ -563,6 +565,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "~/.cache/spfmilter-bench/pymilter-pyX.Y)")
     parser.add_argument("--fresh-venv", action="store_true",
                         help="install pymilter into a throwaway venv under the temp dir")
+    parser.add_argument("--candidate", type=Path, default=None, metavar="DIR",
+                        help="also measure the libmilter_ext package found in DIR (a "
+                             "candidate build with its _milter .so), all stages overridden")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -584,6 +589,13 @@ def make_impls(args: argparse.Namespace, tmp: Path) -> list[Impl]:
         Impl(C_LABEL, [str(c_binary)], True, version=f"libmilter {libmilter}"),
         Impl(EXT_LABEL, [sys.executable, str(EXT_MILTER)], True, version="(this tree)"),
     ]
+    if args.candidate:
+        package = args.candidate.resolve() / "libmilter_ext"
+        if not package.is_dir():
+            raise BenchError(f"--candidate {args.candidate}: no libmilter_ext package in it")
+        impls.append(Impl(CANDIDATE_LABEL, [sys.executable, str(EXT_MILTER)], True,
+                          env={"PYTHONPATH": str(args.candidate.resolve())},
+                          version=f"(from {args.candidate})"))
     if not args.no_negotiated:
         impls.append(Impl(EXT_NEG_LABEL, [sys.executable, str(EXT_MILTER), "--negotiated"],
                           False))
@@ -659,6 +671,10 @@ def run(args: argparse.Namespace) -> int:
     for cell in cells:
         print(format_cell(cell, ncpu))
     lines, verdicts = ratio_report(cells, args.modes, args.concurrency)
+    if args.candidate:
+        more, verdicts["candidate"] = ratio_report(
+            cells, args.modes, args.concurrency, ext_label=CANDIDATE_LABEL)
+        lines += more
     print("\n".join(lines), flush=True)
     if args.json:
         args.json.write_text(json.dumps({
