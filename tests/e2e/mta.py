@@ -22,6 +22,7 @@ is given with ``-C``, so it needs no file of the package's own).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.parser
 import email.policy
@@ -434,9 +435,10 @@ class SmtpClient:
         code, text = self.smtp.connect(host, port)
         self.greeting = Reply(code, text.decode(errors="replace"))
         self.helo_reply = self.command(f"EHLO {helo}")
-        self.smtp.ehlo_resp = self.helo_reply.text.encode()
-        self.smtp.does_esmtp = True
-        self.smtp.parse_ehlo_features = None  # type: ignore[attr-defined]
+        if (self.greeting.code, self.helo_reply.code) != (220, 250):
+            self.close()
+            raise AssertionError(f"[{host}]:{port} from {source}: greeting {self.greeting}, "
+                                 f"EHLO {self.helo_reply}")
 
     def command(self, line: str) -> Reply:
         self.smtp.putcmd(line)
@@ -453,7 +455,6 @@ class SmtpClient:
         return self.command("RSET")
 
     def auth_plain(self, user: str, password: str) -> Reply:
-        import base64
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         return self.command(f"AUTH PLAIN {token}")
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DnsServer
-from tests.e2e.mta import Postfix, SaslUser, SpfMilter, make_sasldb, postfix_snippet, settings
+from tests.e2e.mta import (
+    Postfix,
+    SaslUser,
+    SpfMilter,
+    make_sasldb,
+    postfix_binary,
+    postfix_snippet,
+    settings,
+)
 from tests.e2e.scenarios import MtaScenarios
 
 
@@ -22,7 +30,6 @@ def workdir(e2e_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def postfix_ready() -> None:
     """Postfix installed (and so its user and group exist) before anything uses them."""
-    from tests.e2e.mta import postfix_binary
     postfix_binary()
 
 
