@@ -67,6 +67,7 @@ from bench_app_dns import (  # noqa: E402
     proc_cpu_seconds,
     proc_rss_kib,
     run_in_netns,
+    system_busy_seconds,
 )
 from bench_app_load import (  # noqa: E402
     AUTHSERV_ID,
@@ -303,6 +304,7 @@ class Cell:
     milter_cpu_s: float
     client_cpu_s: float
     dns_cpu_s: float
+    other_cpu_s: float
     rss_mib: float
     errors: int
     unexpected: int
@@ -322,6 +324,7 @@ class Load:
     client_cpu_s: float
     milter_cpu_s: float
     dns_cpu_s: float
+    other_cpu_s: float
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     errors: int = 0
     unexpected: int = 0
@@ -349,10 +352,10 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
             barrier.wait(timeout=300)
         except threading.BrokenBarrierError:
             pass
-        cpu0, dns0 = milter.cpu_seconds(), nsd.cpu_seconds()
+        cpu0, dns0, all0 = milter.cpu_seconds(), nsd.cpu_seconds(), system_busy_seconds()
         for _ in procs:
             replies.append(queue.get(timeout=3600))
-        cpu1, dns1 = milter.cpu_seconds(), nsd.cpu_seconds()
+        cpu1, dns1, all1 = milter.cpu_seconds(), nsd.cpu_seconds(), system_busy_seconds()
     finally:
         for proc in procs:
             proc.join(10)
@@ -364,11 +367,13 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
         milter.check_alive()
         raise BenchError(f"{milter.spec.label}: client failed: {'; '.join(failed)}")
     parts: list[WorkerResult] = [r[1] for r in replies]
+    client_cpu = sum(p.cpu_s for p in parts)
     load = Load(
         wall_s=max(p.end for p in parts) - min(p.start for p in parts),
         latencies=sorted(x for p in parts for x in p.latencies),
-        client_cpu_s=sum(p.cpu_s for p in parts), milter_cpu_s=cpu1 - cpu0,
-        dns_cpu_s=dns1 - dns0, errors=sum(p.errors for p in parts),
+        client_cpu_s=client_cpu, milter_cpu_s=cpu1 - cpu0, dns_cpu_s=dns1 - dns0,
+        other_cpu_s=max(0.0, (all1 - all0) - (cpu1 - cpu0) - (dns1 - dns0) - client_cpu),
+        errors=sum(p.errors for p in parts),
         unexpected=sum(p.unexpected for p in parts),
         first_error=next((p.first_error for p in parts if p.first_error), ""),
     )
@@ -384,8 +389,8 @@ def make_cell(milter: MilterProc, cache: str, conns: int, load: Load) -> Cell:
         msgs_per_s=n / load.wall_s if load.wall_s > 0 else float("inf"),
         p50_ms=percentile(load.latencies, 50) * 1e3, p99_ms=percentile(load.latencies, 99) * 1e3,
         milter_cpu_s=load.milter_cpu_s, client_cpu_s=load.client_cpu_s,
-        dns_cpu_s=load.dns_cpu_s, rss_mib=milter.rss_mib(), errors=load.errors,
-        unexpected=load.unexpected, first_error=load.first_error,
+        dns_cpu_s=load.dns_cpu_s, other_cpu_s=load.other_cpu_s, rss_mib=milter.rss_mib(),
+        errors=load.errors, unexpected=load.unexpected, first_error=load.first_error,
     )
 
 
@@ -393,7 +398,8 @@ def make_cell(milter: MilterProc, cache: str, conns: int, load: Load) -> Cell:
 
 HEAD = (f"{'milter':<13} {'cache':<5} {'conns':>5} {'msgs':>6} {'msgs/s':>7} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'milter CPU s':>12} {'us/msg':>6} {'client CPU s':>12} "
-        f"{'DNS CPU s':>9} {'busy':>5} {'RSS MiB':>7} {'errors':>6} {'unexp':>5}")
+        f"{'DNS CPU s':>9} {'busy':>5} {'other CPU s':>11} {'RSS MiB':>7} {'errors':>6} "
+        f"{'unexp':>5}")
 
 
 def format_cell(c: Cell, ncpu: int) -> str:
@@ -401,8 +407,8 @@ def format_cell(c: Cell, ncpu: int) -> str:
         if c.wall_s > 0 else float("nan")
     return (f"{c.milter:<13} {c.cache:<5} {c.conns:>5} {c.messages:>6} {c.msgs_per_s:>7.0f} "
             f"{c.p50_ms:>7.2f} {c.p99_ms:>7.2f} {c.milter_cpu_s:>12.2f} {c.us_per_msg:>6.0f} "
-            f"{c.client_cpu_s:>12.2f} {c.dns_cpu_s:>9.2f} {busy:>4.0f}% {c.rss_mib:>7.1f} "
-            f"{c.errors:>6} {c.unexpected:>5}")
+            f"{c.client_cpu_s:>12.2f} {c.dns_cpu_s:>9.2f} {busy:>4.0f}% {c.other_cpu_s:>11.2f} "
+            f"{c.rss_mib:>7.1f} {c.errors:>6} {c.unexpected:>5}")
 
 
 def compare_verdicts(ours: dict, theirs: dict) -> tuple[list[str], dict]:
@@ -496,6 +502,7 @@ def environment(args: argparse.Namespace, pyspf: dict[str, str] | None, nsd: Nsd
         f"# cold = milter restarted, every message's names new; warm = after a warm-up over "
         f"{args.warm_names} names, the cell reuses them",
         "# busy = (milter + client + DNS CPU) / (wall x CPUs); us/msg = milter CPU per message;"
+        " other CPU s = CPU used meanwhile by processes outside the benchmark (should be ~0);"
         " unexp = verdicts the zones do not imply",
     ]
     return lines

@@ -15,7 +15,7 @@ SCRIPT = ROOT / "bench" / "bench_spfmilter.py"
 NUMBER = r"\d+(?:\.\d+)?"
 ROW = re.compile(
     rf"^spfmilter\s+(cold|warm)\s+(\d+)\s+(\d+)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"
-    rf"\s+\d+\s+{NUMBER}\s+{NUMBER}\s+\d+%\s+{NUMBER}\s+(\d+)\s+(\d+)$",
+    rf"\s+\d+\s+{NUMBER}\s+{NUMBER}\s+\d+%\s+{NUMBER}\s+{NUMBER}\s+(\d+)\s+(\d+)$",
     re.MULTILINE,
 )
 
