@@ -14,8 +14,12 @@ from tests/data/zones/README.  The policy is spfmilter's default.
 from __future__ import annotations
 
 import itertools
+import os
+import pwd
 import re
+import stat
 from email.message import Message
+from pathlib import Path
 
 import authres
 import pytest
@@ -254,6 +258,17 @@ class MtaScenarios:
             msg = mta.mailbox.wait_for(tok)
             assert len(msg.get_all("Authentication-Results")) == 1
             assert spf(ours(msg))["mailfrom"] == result
+
+    # -- the milter process --------------------------------------------------
+
+    def test_milter_runs_unprivileged_behind_a_closed_socket(self, mta: Mta,
+                                                             milter: SpfMilter) -> None:
+        assert milter.daemon.proc is not None
+        status = Path(f"/proc/{milter.daemon.proc.pid}/status").read_text()
+        uids = next(line.split()[1:] for line in status.splitlines()
+                    if line.startswith("Uid:"))
+        assert set(uids) == {str(pwd.getpwnam("nobody").pw_uid)}
+        assert stat.S_IMODE(os.stat(milter.socket_path).st_mode) & 0o007 == 0
 
     # -- the milter going away -----------------------------------------------
 
