@@ -296,6 +296,7 @@ class Cell:
     milter: str
     cache: str
     conns: int
+    round: int
     messages: int
     wall_s: float
     msgs_per_s: float
@@ -382,10 +383,11 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
     return load
 
 
-def make_cell(milter: MilterProc, cache: str, conns: int, load: Load) -> Cell:
+def make_cell(milter: MilterProc, cache: str, conns: int, load: Load, rnd: int = 0) -> Cell:
     n = len(load.latencies)
     return Cell(
-        milter=milter.spec.label, cache=cache, conns=conns, messages=n, wall_s=load.wall_s,
+        milter=milter.spec.label, cache=cache, conns=conns, round=rnd, messages=n,
+        wall_s=load.wall_s,
         msgs_per_s=n / load.wall_s if load.wall_s > 0 else float("inf"),
         p50_ms=percentile(load.latencies, 50) * 1e3, p99_ms=percentile(load.latencies, 99) * 1e3,
         milter_cpu_s=load.milter_cpu_s, client_cpu_s=load.client_cpu_s,
@@ -422,7 +424,7 @@ def compare_verdicts(ours: dict, theirs: dict) -> tuple[list[str], dict]:
         if b is None:
             continue
         compared += 1
-        _cache, _conns, index = key
+        index = key[-1]
         kind = message(index, None, 1).kind.name
         if not same(a, b):
             mismatches[kind] += 1
@@ -496,7 +498,8 @@ def environment(args: argparse.Namespace, pyspf: dict[str, str] | None, nsd: Nsd
     where = "in a private network namespace" if inside_netns() else "on the host's loopback"
     lines += [
         f"# DNS: NSD on {nsd.nameserver} {where}, serving tests/data/zones and bench/zones",
-        f"# load: {args.messages} messages per cell, one client process per connection, "
+        f"# load: {args.messages} messages per cell, {args.rounds} round(s), the table shows "
+        "each cell's median round by msgs/s; one client process per connection, "
         "each message one SMTP session on a new milter connection; mix (% of messages): "
         + ", ".join(f"{k.name} {k.weight}" for k in KINDS),
         f"# cold = milter restarted, every message's names new; warm = after a warm-up over "
@@ -528,6 +531,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="messages measured per cell (default 3000)")
     parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32],
                         help="comma-separated numbers of concurrent connections (default 1,8,32)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times the whole matrix is run; the table shows each cell's "
+                             "median round by messages/s (default 3)")
     parser.add_argument("--warm-names", type=int, default=500,
                         help="distinct name sets in the warm cells and warm-up (default 500)")
     parser.add_argument("--rss-messages", type=int, default=50000,
@@ -545,8 +551,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
-    if args.messages < 1 or args.warm_names < 1 or args.rss_messages < 0:
-        parser.error("--messages and --warm-names must be positive, --rss-messages >= 0")
+    if min(args.messages, args.warm_names, args.rounds) < 1 or args.rss_messages < 0:
+        parser.error("--messages, --warm-names and --rounds must be positive, "
+                     "--rss-messages >= 0")
     if args.rss_samples < 1 or args.rss_concurrency < 1:
         parser.error("--rss-samples and --rss-concurrency must be positive")
     return args
@@ -574,54 +581,93 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, pyspf: dict[str, str] | None) -> int:
-    ncpu = os.cpu_count() or 1
-    cells: list[Cell] = []
-    outcomes: dict[str, dict] = {SPF_LABEL: {}, PYSPF_LABEL: {}}
     port = 53 if inside_netns() else 0
     # A short directory: unix socket paths are limited to about 100 bytes.
     with tempfile.TemporaryDirectory(prefix="spfbench-") as tmpname, \
             Nsd("127.0.0.1", port) as nsd:
         tmp = Path(tmpname)
-        cfg, spf_sock = spfmilter_config(tmp, nsd.nameserver)
-        specs = [MilterSpec(SPF_LABEL, [sys.executable, "-m", "spfmilter", "-c", str(cfg),
-                                        "run", "--stderr"],
-                            spf_sock, [tmp / "spf.sock", tmp / "spf.pid"], "this tree")]
-        if pyspf is not None:
-            conf, py_sock = pyspf_config(tmp)
-            venv = args.pyspf_venv
-            specs.append(MilterSpec(PYSPF_LABEL, [str(venv / "bin" / "python"),
-                                                  str(venv / "bin" / "pyspf-milter"), str(conf)],
-                                    py_sock, [tmp / "pyspf.sock", tmp / "pyspf.pid"],
-                                    pyspf["spf-engine"]))
-        print("\n".join(environment(args, pyspf, nsd)))
-        print(HEAD, flush=True)
-        problems: list[str] = []
+        specs = milter_specs(args, pyspf, tmp, nsd)
+        print("\n".join(environment(args, pyspf, nsd)), flush=True)
+        cells, outcomes, problems = matrix(args, specs, tmp, nsd)
+        rss = rss_run(args, specs[0], tmp, nsd) if args.rss_messages else None
+    return report(args, cells, outcomes, problems, rss, pyspf is not None)
+
+
+def milter_specs(args: argparse.Namespace, pyspf: dict[str, str] | None, tmp: Path,
+                 nsd: Nsd) -> list[MilterSpec]:
+    cfg, spf_sock = spfmilter_config(tmp, nsd.nameserver)
+    specs = [MilterSpec(SPF_LABEL, [sys.executable, "-m", "spfmilter", "-c", str(cfg), "run",
+                                    "--stderr"],
+                        spf_sock, [tmp / "spf.sock", tmp / "spf.pid"], "this tree")]
+    if pyspf is not None:
+        conf, py_sock = pyspf_config(tmp)
+        venv = args.pyspf_venv
+        specs.append(MilterSpec(PYSPF_LABEL, [str(venv / "bin" / "python"),
+                                              str(venv / "bin" / "pyspf-milter"), str(conf)],
+                                py_sock, [tmp / "pyspf.sock", tmp / "pyspf.pid"],
+                                pyspf["spf-engine"]))
+    return specs
+
+
+def matrix(args: argparse.Namespace, specs: Sequence[MilterSpec], tmp: Path,
+           nsd: Nsd) -> tuple[list[Cell], dict[str, dict], list[str]]:
+    """Every round x concurrency x milter x cache cell; milters take turns cell by cell."""
+    ncpu = os.cpu_count() or 1
+    cells: list[Cell] = []
+    outcomes: dict[str, dict] = {spec.label: {} for spec in specs}
+    problems: list[str] = []
+    print(f"# progress, every round (the table below takes the median round):\n# {HEAD}",
+          file=sys.stderr, flush=True)
+    for rnd in range(1, args.rounds + 1):
         for conns in args.concurrency:
             for spec in specs:
-                milter = MilterProc(spec, tmp)
+                milter = MilterProc(spec, tmp)  # a fresh process: the cold cell's cache is empty
                 try:
-                    indices = range(args.messages)
                     for cache in ("cold", "warm"):
                         if cache == "warm":  # the warm-up: every warm name once
                             drive(milter, nsd, range(args.warm_names), conns, None,
                                   args.warm_names, False)
-                        load = drive(milter, nsd, indices, conns,
-                                     f"c{conns}" if cache == "cold" else None, args.warm_names,
-                                     True)
+                        load = drive(milter, nsd, range(args.messages), conns,
+                                     f"r{rnd}c{conns}" if cache == "cold" else None,
+                                     args.warm_names, True)
                         milter.check_alive()
-                        cell = make_cell(milter, cache, conns, load)
+                        cell = make_cell(milter, cache, conns, load, rnd)
                         cells.append(cell)
-                        print(format_cell(cell, ncpu), flush=True)
+                        print(f"# {format_cell(cell, ncpu)}", file=sys.stderr, flush=True)
                         for index, got in load.outcomes.items():
-                            outcomes[spec.label][(cache, conns, index)] = got
+                            outcomes[spec.label][(rnd, cache, conns, index)] = got
                         if cell.errors:
-                            problems.append(f"{spec.label} {cache} {conns} connections: "
-                                            f"{cell.errors} messages failed, first: "
-                                            f"{cell.first_error}")
+                            problems.append(f"{spec.label} round {rnd} {cache} {conns} "
+                                            f"connections: {cell.errors} messages failed, "
+                                            f"first: {cell.first_error}")
                 finally:
                     milter.stop()
-        rss = rss_run(args, specs[0], tmp, nsd) if args.rss_messages else None
-    report: dict = {"cells": [asdict(c) for c in cells], "rss": rss}
+    return cells, outcomes, problems
+
+
+def median_cells(cells: Sequence[Cell]) -> list[Cell]:
+    """Per milter, cache and concurrency, the round with the median messages/s."""
+    groups: dict[tuple[str, str, int], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.milter, cell.cache, cell.conns), []).append(cell)
+    chosen = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda c: c.msgs_per_s)
+        chosen.append(ranked[(len(ranked) - 1) // 2])
+    order = {(c.milter, c.cache, c.conns): i for i, c in enumerate(cells)}
+    return sorted(chosen, key=lambda c: (c.conns, order[(c.milter, c.cache, c.conns)]))
+
+
+def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict],
+           problems: list[str], rss: dict | None, compared: bool) -> int:
+    """Print the table, RSS, verdicts, ratios and targets; write JSON; the exit status."""
+    ncpu = os.cpu_count() or 1
+    table = median_cells(cells)
+    print(HEAD)
+    for cell in table:
+        print(format_cell(cell, ncpu))
+    result: dict = {"cells": [asdict(c) for c in cells], "table": [asdict(c) for c in table],
+                    "rss": rss}
     if rss is not None:
         print("", f"RSS of {SPF_LABEL} over {rss['messages']} warm messages at "
               f"{rss['conns']} connections ({rss['msgs_per_s']:.0f} msgs/s, "
@@ -631,14 +677,14 @@ def run(args: argparse.Namespace, pyspf: dict[str, str] | None) -> int:
               + ", ".join(f"{n}: {m:.1f}" for n, m in rss["samples"]))
         if rss["errors"]:
             problems.append(f"RSS run: {rss['errors']} messages failed")
-    if pyspf is not None:
-        lines, report["verdicts"] = compare_verdicts(outcomes[SPF_LABEL], outcomes[PYSPF_LABEL])
+    target: dict = {}
+    if compared:
+        lines, result["verdicts"] = compare_verdicts(outcomes[SPF_LABEL], outcomes[PYSPF_LABEL])
         print("\n".join(lines))
-        lines, target = ratio_lines(cells, args.concurrency)
+        lines, target = ratio_lines(table, args.concurrency)
         print("\n".join(lines))
-        report["targets"] = target
+        result["targets"] = target
     print("", "targets:", sep="\n")
-    target = report.get("targets") or {}
     if target:
         print(f"  {TARGET_CONNS} connections, warm cache, msgs/s >= {TARGET_RATIO:g}x "
               f"{PYSPF_LABEL}: {'met' if target['throughput_met'] else 'MISSED'} "
@@ -653,7 +699,7 @@ def run(args: argparse.Namespace, pyspf: dict[str, str] | None) -> int:
     else:
         print("  RSS flat: not measured")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if problems:
         print("", "benchmark errors:", *[f"  {p}" for p in problems], sep="\n",
               file=sys.stderr)

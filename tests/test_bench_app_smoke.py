@@ -23,7 +23,7 @@ ROW = re.compile(
 def test_bench_spfmilter_prints_a_table_of_numbers(tmp_path):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--skip-pyspf", "--messages", "30",
-         "--concurrency", "1,3", "--warm-names", "20", "--rss-messages", "60",
+         "--concurrency", "1,3", "--warm-names", "20", "--rounds", "1", "--rss-messages", "60",
          "--rss-samples", "2", "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
