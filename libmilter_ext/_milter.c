@@ -16,6 +16,7 @@
 #include <Python.h>
 
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -82,6 +83,52 @@ typedef struct {
 } ContextObject;
 
 static PyTypeObject Context_Type;
+
+/* ---- the GIL on libmilter's threads ------------------------------------ */
+
+/*
+ * PyGILState_Ensure on a thread without a Python thread state makes one and
+ * Release destroys it again: per callback that is an mmap/munmap of a frame
+ * stack (and a TLB shootdown).  So the first callback on each libmilter thread
+ * takes one extra reference that keeps the thread's state until the thread
+ * ends.  That is per OS thread, never per connection: Debian's libmilter moves
+ * a connection between threads freely.
+ */
+static pthread_key_t keep_key;
+
+#if PY_VERSION_HEX >= 0x030D0000
+#define py_finalizing() Py_IsFinalizing()
+#else
+#define py_finalizing() _Py_IsFinalizing()
+#endif
+
+/* Thread exit: delete the kept state.  glibc has already cleared Python's own
+ * thread-local pointer by now, so the state comes from our key's value. */
+static void
+drop_kept_state(void *state)
+{
+    PyThreadState *ts = state;
+
+    if (ts == NULL || !Py_IsInitialized() || py_finalizing())
+        return;
+    PyEval_RestoreThread(ts);
+    PyThreadState_Clear(ts);
+    PyThreadState_DeleteCurrent();
+}
+
+static PyGILState_STATE
+gil_enter(void)
+{
+    PyGILState_STATE gs = PyGILState_Ensure();
+
+    if (pthread_getspecific(keep_key) == NULL) {
+        (void)PyGILState_Ensure();
+        (void)pthread_setspecific(keep_key, PyThreadState_Get());
+    }
+    return gs;
+}
+
+#define gil_leave PyGILState_Release
 
 /* ---- helpers ---------------------------------------------------------- */
 
@@ -678,22 +725,33 @@ begin(SMFICTX *ctx, int stage, sfsistat *early)
 }
 
 #define CALLBACK_PROLOGUE(stage)                        \
-    PyGILState_STATE gs = PyGILState_Ensure();          \
+    PyGILState_STATE gs = gil_enter();          \
     sfsistat early = SMFIS_CONTINUE, r;                 \
     ContextObject *c = begin(ctx, stage, &early);       \
     PyObject *res;                                      \
     if (c == NULL) {                                    \
-        PyGILState_Release(gs);                         \
+        gil_leave(gs);                         \
         return early;                                   \
     }
 
 #define CALLBACK_EPILOGUE(stage)                        \
     r = finish(c, stage, as_verdict(c, stage, res));    \
-    PyGILState_Release(gs);                             \
+    gil_leave(gs);                             \
     return r;
 
+/* handler.<stage>(*args) for a few arguments; the arguments stay borrowed. */
 static PyObject *
-call_method(ContextObject *c, int stage, PyObject *args)
+call_method(ContextObject *c, int stage, size_t nargs, PyObject *a0, PyObject *a1,
+            PyObject *a2)
+{
+    PyObject *stack[4] = {c->handler, a0, a1, a2};
+
+    return PyObject_VectorcallMethod(S.method_names[stage], stack, nargs + 1, NULL);
+}
+
+/* handler.<stage>(*args) with a tuple of arguments (stolen). */
+static PyObject *
+call_method_tuple(ContextObject *c, int stage, PyObject *args)
 {
     PyObject *meth, *res;
 
@@ -753,10 +811,12 @@ cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
     PyObject *addr = hostaddr_tuple(hostaddr, &family);
     PyObject *host = decode(hostname, -1);
 
-    res = (addr && host) ? call_method(c, ST_CONNECT, Py_BuildValue("(OiO)", host, family, addr))
-                         : NULL;
+    PyObject *fam = PyLong_FromLong(family);
+
+    res = (addr && host && fam) ? call_method(c, ST_CONNECT, 3, host, fam, addr) : NULL;
     Py_XDECREF(addr);
     Py_XDECREF(host);
+    Py_XDECREF(fam);
     CALLBACK_EPILOGUE(ST_CONNECT)
 }
 
@@ -764,20 +824,20 @@ cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
 static PyObject *
 call_with_string(ContextObject *c, int stage, const char *s)
 {
-    PyObject *arg = decode(s, -1);
+    PyObject *arg = decode(s, -1), *res;
 
     if (arg == NULL)
         return NULL;
-    return call_method(c, stage, PyTuple_Pack(1, arg));
+    res = call_method(c, stage, 1, arg, NULL, NULL);
+    Py_DECREF(arg);
+    return res;
 }
 
 static sfsistat
 cb_helo(SMFICTX *ctx, char *helohost)
 {
     CALLBACK_PROLOGUE(ST_HELO)
-    PyObject *arg = decode(helohost, -1);
-    res = arg ? call_method(c, ST_HELO, PyTuple_Pack(1, arg)) : NULL;
-    Py_XDECREF(arg);
+    res = call_with_string(c, ST_HELO, helohost);
     CALLBACK_EPILOGUE(ST_HELO)
 }
 
@@ -806,7 +866,7 @@ static sfsistat
 cb_envfrom(SMFICTX *ctx, char **argv)
 {
     CALLBACK_PROLOGUE(ST_ENVFROM)
-    res = call_method(c, ST_ENVFROM, argv_tuple(argv));
+    res = call_method_tuple(c, ST_ENVFROM, argv_tuple(argv));
     CALLBACK_EPILOGUE(ST_ENVFROM)
 }
 
@@ -814,7 +874,7 @@ static sfsistat
 cb_envrcpt(SMFICTX *ctx, char **argv)
 {
     CALLBACK_PROLOGUE(ST_ENVRCPT)
-    res = call_method(c, ST_ENVRCPT, argv_tuple(argv));
+    res = call_method_tuple(c, ST_ENVRCPT, argv_tuple(argv));
     CALLBACK_EPILOGUE(ST_ENVRCPT)
 }
 
@@ -823,7 +883,7 @@ cb_header(SMFICTX *ctx, char *name, char *value)
 {
     CALLBACK_PROLOGUE(ST_HEADER)
     PyObject *n = decode(name, -1), *v = decode(value, -1);
-    res = (n && v) ? call_method(c, ST_HEADER, PyTuple_Pack(2, n, v)) : NULL;
+    res = (n && v) ? call_method(c, ST_HEADER, 2, n, v, NULL) : NULL;
     Py_XDECREF(n);
     Py_XDECREF(v);
     CALLBACK_EPILOGUE(ST_HEADER)
@@ -834,7 +894,7 @@ cb_body(SMFICTX *ctx, unsigned char *chunk, size_t len)
 {
     CALLBACK_PROLOGUE(ST_BODY)
     PyObject *b = PyBytes_FromStringAndSize((const char *)chunk, (Py_ssize_t)len);
-    res = b ? call_method(c, ST_BODY, PyTuple_Pack(1, b)) : NULL;
+    res = b ? call_method(c, ST_BODY, 1, b, NULL, NULL) : NULL;
     Py_XDECREF(b);
     CALLBACK_EPILOGUE(ST_BODY)
 }
@@ -851,7 +911,7 @@ cb_unknown(SMFICTX *ctx, const char *cmd)
     static sfsistat fname(SMFICTX *ctx)                         \
     {                                                           \
         CALLBACK_PROLOGUE(stage)                                \
-        res = call_method(c, stage, PyTuple_New(0));            \
+        res = call_method(c, stage, 0, NULL, NULL, NULL);            \
         CALLBACK_EPILOGUE(stage)                                \
     }
 
@@ -862,7 +922,7 @@ SIMPLE_CALLBACK(cb_data, ST_DATA)
 static sfsistat
 cb_abort(SMFICTX *ctx)
 {
-    PyGILState_STATE gs = PyGILState_Ensure();
+    PyGILState_STATE gs = gil_enter();
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
     PyObject *res;
 
@@ -871,28 +931,28 @@ cb_abort(SMFICTX *ctx)
             c->pending = NO_VERDICT;
         if (c->handler != NULL) {
             c->stage = ST_ABORT;
-            res = call_method(c, ST_ABORT, PyTuple_New(0));
+            res = call_method(c, ST_ABORT, 0, NULL, NULL, NULL);
             if (res == NULL)
                 (void)failsafe(c, ST_ABORT);
             Py_XDECREF(res);
             c->stage = ST_IDLE;
         }
     }
-    PyGILState_Release(gs);
+    gil_leave(gs);
     return SMFIS_CONTINUE;
 }
 
 static sfsistat
 cb_close(SMFICTX *ctx)
 {
-    PyGILState_STATE gs = PyGILState_Ensure();
+    PyGILState_STATE gs = gil_enter();
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
     PyObject *res;
 
     if (c != NULL) {
         if (c->handler != NULL) {
             c->stage = ST_CLOSE;
-            res = call_method(c, ST_CLOSE, PyTuple_New(0));
+            res = call_method(c, ST_CLOSE, 0, NULL, NULL, NULL);
             if (res == NULL)
                 (void)failsafe(c, ST_CLOSE);
             Py_XDECREF(res);
@@ -903,7 +963,7 @@ cb_close(SMFICTX *ctx)
         Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
         Py_DECREF(c);
     }
-    PyGILState_Release(gs);
+    gil_leave(gs);
     return SMFIS_CONTINUE;
 }
 
@@ -912,7 +972,7 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
              unsigned long f3, unsigned long *pf0, unsigned long *pf1, unsigned long *pf2,
              unsigned long *pf3)
 {
-    PyGILState_STATE gs = PyGILState_Ensure();
+    PyGILState_STATE gs = gil_enter();
     ContextObject *c = get_context(ctx, ST_NEGOTIATE);
     PyObject *res = NULL;
     unsigned long a = 0, p = 0;
@@ -923,7 +983,7 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
             c->actions = f0;
             c->protocol = 0;
         }
-        PyGILState_Release(gs);
+        gil_leave(gs);
         return SMFIS_ALL_OPTS;
     }
     c->stage = ST_NEGOTIATE;
@@ -953,7 +1013,7 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
     (void)f2;
     (void)f3;
     c->stage = ST_IDLE;
-    PyGILState_Release(gs);
+    gil_leave(gs);
     return r;
 }
 
@@ -1146,6 +1206,10 @@ PyInit__milter(void)
 
     if (PyType_Ready(&Context_Type) < 0)
         return NULL;
+    if (pthread_key_create(&keep_key, drop_kept_state) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_key_create failed");
+        return NULL;
+    }
     if ((m = PyModule_Create(&milter_module)) == NULL)
         return NULL;
     for (i = 0; i < sizeof constants / sizeof constants[0]; i++)
