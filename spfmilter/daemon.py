@@ -11,6 +11,7 @@ import pwd
 import socket
 import stat
 import sys
+import sysconfig
 
 import libmilter_ext as lm
 
@@ -148,6 +149,25 @@ def drop_privileges(uid: int | None, gid: int | None, user: str) -> None:
     os.setuid(uid)
 
 
+def check_readable_as(uid: int | None, gid: int | None, user: str) -> None:
+    """Refuse to start if the user we drop to could not read Python's own files
+    (some modules are loaded only when first used, after the drop)."""
+    if os.geteuid() != 0 or uid is None:
+        return
+    paths = (sysconfig.get_paths()["stdlib"], os.path.dirname(os.path.dirname(__file__)))
+    os.setegid(gid if gid is not None else os.getgid())
+    os.seteuid(uid)
+    try:
+        unreadable = [p for p in paths if not os.access(p, os.R_OK | os.X_OK,
+                                                         effective_ids=True)]
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+    if unreadable:
+        raise StartupError(f"user {user or uid} cannot read {unreadable[0]}: install "
+                           "spfmilter and its Python where that user can read them")
+
+
 def daemonize() -> None:
     """Detach from the terminal (SysV style): fork, setsid, fork, stdio to /dev/null."""
     if os.fork() > 0:
@@ -204,6 +224,7 @@ class Daemon:
         for warning in configmod.warnings(cfg):
             log.warning("%s", warning)
         uid, gid = _ids(cfg)
+        check_readable_as(uid, gid, cfg.milter.user)
         spec = cfg.milter.socket.spec
         sock_path = unix_socket_path(spec)
         if cfg.milter.pidfile:
