@@ -46,16 +46,28 @@ class DnsCache(Generic[V]):
 
     def get(self, key: Hashable) -> V | None:
         """The live answer for *key*, or None (a miss) if absent or expired."""
+        entry = self.get_entry(key)
+        return None if entry is None else entry[1]
+
+    def get_entry(self, key: Hashable) -> tuple[float, V] | None:
+        """(expiry time on the cache's clock, answer) for *key*, or None on a miss."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 if entry[0] > self._clock():
                     self._entries.move_to_end(key)
                     self.hits += 1
-                    return entry[1]
+                    return entry
                 del self._entries[key]
             self.misses += 1
             return None
+
+    def expiry(self, ttl: float, *, negative: bool = False) -> float:
+        """When an answer put now with *ttl* would expire (capped as put() caps it)."""
+        if self.maxsize == 0:
+            return self._clock()
+        return self._clock() + max(0.0, min(ttl, self.max_negative_ttl if negative
+                                             else self.max_ttl))
 
     def put(self, key: Hashable, value: V, ttl: float, *, negative: bool = False) -> None:
         """Keep *value* for *ttl* seconds (capped); a TTL of 0 is not cached."""

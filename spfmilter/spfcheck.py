@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import logging
+import math
 import re
 import threading
 import time
@@ -36,6 +37,8 @@ EDNS_PAYLOAD = 1232
 
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
 _PREFIXES = ("SPF Permanent Error: ", "SPF Temporary Error: ")
+# Macros that expand the sender's local part (RFC 7208 7.3: %{l}, %{s}, any case)
+_LOCAL_MACRO = re.compile(r"%\{[lsLS]")
 
 
 class _Answer(NamedTuple):
@@ -52,6 +55,8 @@ class _Session:
         self.checker = checker
         self.deadline = deadline
         self.nxdomains: set[str] = set()
+        self.expires = math.inf  # the result is good as long as every answer it used
+        self.uses_local = False  # a record expanded %{l} or %{s}: the local part matters
 
     def lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
         return self.checker._lookup(self, name, qtype)
@@ -202,6 +207,8 @@ class SpfChecker:
         self.lookup_timeout = float(lookup_timeout)
         self.void_lookup_limit = void_lookup_limit
         self.cache: DnsCache[_Answer] = DnsCache(cache_size)
+        # Whole check_host() outcomes, living as long as the shortest TTL they used.
+        self.results: DnsCache[tuple[str, str, str]] = DnsCache(cache_size)
         if nameservers:
             self._resolver = dns.resolver.Resolver(configure=False)
             self._resolver.nameservers = [
@@ -271,6 +278,12 @@ class SpfChecker:
     def _check_host(self, identity: str, ip: str, local: str, domain: str,
                     helo: str) -> SpfResult:
         sender = f"{local}@{domain}"
+        key = (identity, ip, domain.lower(), helo.lower())
+        cached = self.results.get(key + (None,)) or self.results.get(key + (local,))
+        if cached is not None:
+            result, explanation, comment = cached
+            return SpfResult(identity, result, domain=domain, sender=sender,
+                             explanation=explanation, comment=comment)
         session = _Session(self, time.monotonic() + self.lookup_timeout)
         token = _session.set(session)
         try:
@@ -285,6 +298,10 @@ class SpfChecker:
             comment = f"internal error in SPF evaluation: {type(exc).__name__}"
         finally:
             _session.reset(token)
+        if result != "temperror":
+            ttl = session.expires - time.monotonic()
+            self.results.put(key + (local if session.uses_local else None,),
+                             (result, explanation, comment), ttl)
         return SpfResult(identity, result, domain=domain, sender=sender,
                          explanation=explanation, comment=comment)
 
@@ -324,18 +341,25 @@ class SpfChecker:
     def _lookup(self, session: _Session, name: str, qtype: str) -> list:
         """Answer one pyspf lookup from the cache or DNS; raise spf.TempError."""
         key = (name.lower().rstrip("."), qtype)
-        cached = self.cache.get(key)
-        if cached is None:
-            cached = self._resolve(session, key[0], qtype)
+        entry = self.cache.get_entry(key)
+        if entry is None:
+            cached, expires = self._resolve(session, key[0], qtype)
+        else:
+            expires, cached = entry
+        session.expires = min(session.expires, expires)
         if cached.nxdomain:
             session.nxdomains.add(key[0])
+        if qtype == "TXT" and not session.uses_local:
+            session.uses_local = any(_LOCAL_MACRO.search(str(data))
+                                     for _, data in cached.records)
         return list(cached.records)
 
-    def _resolve(self, session: _Session, name: str, qtype: str) -> _Answer:
+    def _resolve(self, session: _Session, name: str, qtype: str) -> tuple[_Answer, float]:
+        """The answer and when it expires (now when it must not be cached)."""
         try:
             qname = dns.name.from_text(name)
         except (dns.exception.DNSException, UnicodeError, ValueError):
-            return _Answer((), False)  # not a name DNS can carry: no data
+            return _Answer((), False), math.inf  # not a name DNS can carry: no data
         remaining = session.deadline - time.monotonic()
         if remaining <= 0:
             raise spf.TempError(f"DNS time limit of {self.lookup_timeout:g}s exceeded")
@@ -344,8 +368,9 @@ class SpfChecker:
                                             raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
             result = _Answer((), True)
-            self.cache.put((name, qtype), result, _negative_ttl(exc), negative=True)
-            return result
+            ttl = _negative_ttl(exc)
+            self.cache.put((name, qtype), result, ttl, negative=True)
+            return result, self.cache.expiry(ttl, negative=True)
         except dns.exception.Timeout:
             raise spf.TempError(f"DNS timeout for {name} {qtype}") from None
         except dns.resolver.NoNameservers:
@@ -355,4 +380,4 @@ class SpfChecker:
         result = _Answer(_records(name, qtype, answer), False)
         ttl = answer.chaining_result.minimum_ttl
         self.cache.put((name, qtype), result, ttl, negative=not result.records)
-        return result
+        return result, self.cache.expiry(ttl, negative=not result.records)

@@ -251,7 +251,7 @@ def test_repeated_check_makes_no_queries(dns_server: DnsServer) -> None:
     second = checker.check_mailfrom("127.0.0.4", "a@mx.spf.test", HELO)
     assert second == first
     assert dns_server.total_queries == 0
-    assert checker.cache_hits >= hits + 3
+    assert checker.cache_hits + checker.results.hits >= hits + 1
     assert checker.stats()["hits"] == checker.cache_hits
 
 
@@ -484,3 +484,26 @@ def test_empty_inputs(checker: SpfChecker) -> None:
     no_helo = checker.check_mailfrom("127.0.0.1", "a@pass.spf.test", "")
     assert (no_helo.result, no_helo.checked) == ("pass", True)
     assert checker.check_helo("", "").checked is False
+
+
+def test_result_cache_respects_local_part_macros(dns_server: DnsServer) -> None:
+    checker = fresh(dns_server)
+    assert checker.check_mailfrom("127.0.0.2", "alice@ml.spf.test", HELO).result == "pass"
+    assert checker.check_mailfrom("127.0.0.2", "bob@ml.spf.test", HELO).result == "fail"
+    assert checker.check_mailfrom("127.0.0.2", "alice@ml.spf.test", HELO).result == "pass"
+    # a record without %{l}: one cached outcome serves every local part
+    dns_server.reset_counts()
+    first = checker.check_mailfrom("127.0.0.2", "a@softfail.spf.test", HELO)
+    hits = checker.results.hits
+    second = checker.check_mailfrom("127.0.0.2", "b@softfail.spf.test", HELO)
+    assert (first.result, second.result) == ("softfail", "softfail")
+    assert second.sender == "b@softfail.spf.test"
+    assert checker.results.hits == hits + 1
+
+
+def test_temperror_is_not_cached(dns_server: DnsServer) -> None:
+    checker = fresh(dns_server)
+    assert checker.check_mailfrom("127.0.0.2", "a@servfail.test", HELO).result == "temperror"
+    dns_server.reset_counts()
+    assert checker.check_mailfrom("127.0.0.2", "a@servfail.test", HELO).result == "temperror"
+    assert dns_server.total_queries >= 1
