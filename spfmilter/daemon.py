@@ -8,6 +8,7 @@ import logging
 import logging.handlers
 import os
 import pwd
+import queue
 import socket
 import stat
 import sys
@@ -38,11 +39,17 @@ def make_checker(cfg: Config) -> SpfChecker:
                       cache_size=cfg.spf.cache_size)
 
 
-def setup_logging(cfg: Config, *, force_stderr: bool = False) -> None:
-    """Send logs to syslog (facility from config) or stderr; only the daemon calls this."""
+def setup_logging(cfg: Config, *, force_stderr: bool = False,
+                  queued: bool = False) -> logging.handlers.QueueListener | None:
+    """Send logs to syslog (facility from config) or stderr; only the daemon calls this.
+
+    queued: milter threads only put records on a queue and a listener thread does
+    the writing, so a slow syslog never holds up a connection.  Returns the
+    listener, which the caller stops (after a fork, set logging up again).
+    """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler: logging.Handler
     if cfg.milter.log_target == "syslog" and not force_stderr and os.path.exists("/dev/log"):
         facility = logging.handlers.SysLogHandler.facility_names[cfg.milter.log_facility]
@@ -52,8 +59,15 @@ def setup_logging(cfg: Config, *, force_stderr: bool = False) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s spfmilter %(levelname)s %(message)s"))
-    root.addHandler(handler)
     root.setLevel(cfg.milter.log_level.upper())
+    if not queued:
+        root.addHandler(handler)
+        return None
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
+    root.addHandler(logging.handlers.QueueHandler(records))
+    return listener
 
 
 def unix_socket_path(spec: str) -> str | None:
@@ -188,6 +202,7 @@ class Daemon:
     def __init__(self, path: str, cfg: Config) -> None:
         self.path = path
         self._stderr = False
+        self._listener: logging.handlers.QueueListener | None = None
         self.holder = RuntimeHolder(Runtime(cfg, make_checker(cfg)))
 
     @property
@@ -210,11 +225,17 @@ class Daemon:
                 log.warning("reload: [milter] %s changed; it takes effect on restart", section)
         checker = old.checker if new.spf == old.config.spf else make_checker(new)
         self.holder.current = Runtime(new, checker)
-        setup_logging(new, force_stderr=self._stderr)
+        self._relog(new)
         for warning in configmod.warnings(new):
             log.warning("%s", warning)
         log.log(NOTICE, "configuration reloaded from %s", self.path)
         return True
+
+    def _relog(self, cfg: Config) -> None:
+        old = self._listener
+        self._listener = setup_logging(cfg, force_stderr=self._stderr, queued=True)
+        if old is not None:
+            old.stop()
 
     def run(self, *, detach: bool = False, stderr: bool = False) -> int:
         """Open the socket, drop privileges, write the pidfile and serve."""
@@ -246,15 +267,16 @@ class Daemon:
             os.chown(sock_path, uid if uid is not None else -1, gid if gid is not None else -1)
         if detach:
             daemonize()
-        if cfg.milter.pidfile:
-            with open(cfg.milter.pidfile, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-            if os.geteuid() == 0:
-                os.chown(cfg.milter.pidfile, uid if uid is not None else -1, -1)
-        drop_privileges(uid, gid, cfg.milter.user)
-        log.log(NOTICE, "spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
-                 ".".join(map(str, lm.version())), cfg.spf.authserv_id)
+        self._relog(cfg)  # after the fork: the listener thread must live in this process
         try:
+            if cfg.milter.pidfile:
+                with open(cfg.milter.pidfile, "w") as fh:
+                    fh.write(f"{os.getpid()}\n")
+                if os.geteuid() == 0:
+                    os.chown(cfg.milter.pidfile, uid if uid is not None else -1, -1)
+            drop_privileges(uid, gid, cfg.milter.user)
+            log.log(NOTICE, "spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
+                    ".".join(map(str, lm.version())), cfg.spf.authserv_id)
             lm.main(on_hup=self.reload)
         finally:
             for path in (cfg.milter.pidfile, sock_path):
@@ -264,4 +286,7 @@ class Daemon:
                     except OSError:
                         pass
             log.log(NOTICE, "spfmilter stopped")
+            if self._listener is not None:
+                self._listener.stop()
+                self._listener = None
         return 0

@@ -189,6 +189,8 @@ class SpfMilter(lm.Milter):
             self.verdict = None
 
     def _log(self, verdict: transaction.Verdict, action: str, outcome: str = "") -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         d = verdict.decision
         log.info(
             "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s action=%s%s "
