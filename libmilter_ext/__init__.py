@@ -142,17 +142,21 @@ class Milter:
     Class attributes to override:
       failsafe  verdict after an exception in a callback (default TEMPFAIL)
       macros    {stage: "macro names"} the MTA should send at that stage
+      header_names  only these header fields (any case) reach header(); the
+                others are answered in C without taking the GIL (default: all)
       actions   SMFIF_* flags wanted (default: every action the MTA offers)
       protocol  extra SMFIP_* flags wanted (e.g. SMFIP_HDR_LEADSPC)
     """
 
     failsafe: ClassVar[int] = TEMPFAIL
     macros: ClassVar[dict[str, str]] = {}
+    header_names: ClassVar[frozenset[str] | None] = None
     actions: ClassVar[int | None] = None
     protocol: ClassVar[int] = 0
 
     _ctx: Context
     _protocol_cache: ClassVar[dict[type, int]] = {}
+    _filter_cache: ClassVar[dict[type, bytes]] = {}
 
     # -- callbacks (override what you need) ----------------------------------
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -234,7 +238,18 @@ class Milter:
         if self.macros and actions & SMFIF_SETSYMLIST:
             for stage, names in self.macros.items():
                 self._ctx.setsymlist(_MACRO_STAGES[stage], names)
+        if self.header_names is not None:
+            self._ctx.set_header_filter(self._header_filter())
         return actions, protocol
+
+    @classmethod
+    def _header_filter(cls) -> bytes:
+        blob = Milter._filter_cache.get(cls)
+        if blob is None:
+            names = sorted({n.lower() for n in cls.header_names or ()})
+            blob = b"".join(n.encode("ascii") + b"\0" for n in names) + b"\0"
+            Milter._filter_cache[cls] = blob
+        return blob
 
     # -- actions -------------------------------------------------------------
     def getsymval(self, name: str) -> str | None:

@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <netinet/in.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -80,6 +81,7 @@ typedef struct {
     int stage;             /* callback running now, ST_IDLE between callbacks */
     int pending;           /* verdict from a no-reply stage, given at the next reply */
     int pending_in_message;/* that verdict belongs to the current message */
+    PyObject *header_filter; /* bytes "name\0name\0\0" (lower case) or NULL: all */
 } ContextObject;
 
 static PyTypeObject Context_Type;
@@ -476,7 +478,28 @@ Context_progress(ContextObject *self, PyObject *Py_UNUSED(ignored))
     return check_result(rc, "smfi_progress");
 }
 
+/* Only header fields with these names reach Python; the others are answered in
+ * C without the GIL.  None: every field. */
+static PyObject *
+Context_set_header_filter(ContextObject *self, PyObject *names)
+{
+    PyObject *blob = NULL;
+
+    if (names != Py_None) {
+        if (!PyBytes_Check(names)) {
+            PyErr_SetString(PyExc_TypeError, "set_header_filter: bytes or None");
+            return NULL;
+        }
+        blob = names;
+        Py_INCREF(blob);
+    }
+    Py_XSETREF(self->header_filter, blob);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Context_methods[] = {
+    {"set_header_filter", (PyCFunction)Context_set_header_filter, METH_O,
+     "Header names (b'a\\0b\\0\\0', lower case) that reach header(); None: all."},
     {"getsymval", (PyCFunction)Context_getsymval, METH_O, "Value of a macro, or None."},
     {"setsymlist", (PyCFunction)Context_setsymlist, METH_VARARGS,
      "Macros wanted at a stage (negotiate only)."},
@@ -538,6 +561,7 @@ static int
 Context_clear(ContextObject *self)
 {
     Py_CLEAR(self->handler);
+    Py_CLEAR(self->header_filter);
     return 0;
 }
 
@@ -614,6 +638,7 @@ new_context(SMFICTX *ctx)
     c->stage = ST_IDLE;
     c->pending = NO_VERDICT;
     c->pending_in_message = 0;
+    c->header_filter = NULL;
     PyObject_GC_Track(c);
     if (smfi_setpriv(ctx, c) != MI_SUCCESS) {
         Py_DECREF(c);
@@ -879,7 +904,7 @@ cb_envrcpt(SMFICTX *ctx, char **argv)
 }
 
 static sfsistat
-cb_header(SMFICTX *ctx, char *name, char *value)
+cb_header_py(SMFICTX *ctx, char *name, char *value)
 {
     CALLBACK_PROLOGUE(ST_HEADER)
     PyObject *n = decode(name, -1), *v = decode(value, -1);
@@ -887,6 +912,29 @@ cb_header(SMFICTX *ctx, char *name, char *value)
     Py_XDECREF(n);
     Py_XDECREF(v);
     CALLBACK_EPILOGUE(ST_HEADER)
+}
+
+/* Is name (any case) in the filter list "a\0b\0\0"? */
+static int
+header_wanted(const char *list, const char *name)
+{
+    for (; *list != '\0'; list += strlen(list) + 1)
+        if (strcasecmp(list, name) == 0)
+            return 1;
+    return 0;
+}
+
+static sfsistat
+cb_header(SMFICTX *ctx, char *name, char *value)
+{
+    /* Runs without the GIL: the context is only touched by this connection's
+     * callbacks, which libmilter never runs at the same time. */
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+
+    if (c != NULL && c->header_filter != NULL && c->pending == NO_VERDICT &&
+        name != NULL && !header_wanted(PyBytes_AS_STRING(c->header_filter), name))
+        return (c->protocol & SMFIP_NR_HDR) ? SMFIS_NOREPLY : SMFIS_CONTINUE;
+    return cb_header_py(ctx, name, value);
 }
 
 static sfsistat

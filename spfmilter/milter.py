@@ -61,6 +61,7 @@ def _escape_char(match: re.Match[str]) -> str:
 class SpfMilter(lm.Milter):
     """Checks HELO at HELO, MAIL FROM at MAIL FROM; headers go in at eom."""
 
+    header_names = frozenset({"authentication-results"})
     macros = {
         "connect": "j {daemon_name}",
         "envfrom": "i {auth_authen} {auth_type}",

@@ -419,3 +419,19 @@ def test_daemon_settings_calls():
     with pytest.raises(lm.MilterError):
         lm._milter.setconn("nonsense:spec")
         lm._milter.opensocket(False)
+
+
+def test_header_names_filter_in_c(shortdir):
+    work = shortdir / "filt"
+    work.mkdir()
+    spec = f"unix:{shortdir}/filt.sock"
+    headers = [("Received", "x"), ("SUBJECT", "a"), ("X-Other", "b"), ("X-Wanted", "c"),
+               ("subject", "d")]
+    with Daemon([PYTHON, str(MILTERS / "filtered.py"), spec], spec, work):
+        ok = session(spec, ip="192.0.2.1", helo="h", sender="<a@example.org>",
+                     headers=headers)
+        boom = session(spec, ip="192.0.2.1", helo="h", sender="<a@example.org>",
+                       headers=[("X-Wanted", "raise"), ("X-Other", "skipped in C")])
+    assert dict(list(ok.values())[-1].added_headers())["X-Seen"] == "SUBJECT,X-Wanted,subject"
+    # a fail-safe verdict pending from a wanted header is not lost by the filter
+    assert list(boom.values())[-1].action == "tempfail"
