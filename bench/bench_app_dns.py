@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchlib import proc_cpu_seconds, stat_fields
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 ZONE_DIRS = (ROOT / "tests" / "data" / "zones", BENCH / "zones")
@@ -185,43 +187,9 @@ class Nsd:
             self._tmp = None
 
 
-def _stat_fields(pid: int) -> list[str]:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return text[text.rindex(")") + 2:].split()
-
-
 def _ppid(pid: int) -> int:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return int(fields[1]) if fields else -1
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), 0 if it is gone."""
-    fields = _stat_fields(pid)
-    if not fields:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def system_busy_seconds() -> float:
-    """CPU time all CPUs spent busy (not idle, not waiting for I/O) since boot."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB, 0 if it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def inside_netns() -> bool:

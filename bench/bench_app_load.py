@@ -242,11 +242,3 @@ def worker(spec: str, indices: Sequence[int], cold: str | None, warm_names: int,
     except BaseException as exc:  # reported to the parent, which fails the run
         barrier.abort()
         results.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending sequence (nan when empty)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, -(-int(q * len(sorted_values)) // 100))
-    return sorted_values[min(rank, len(sorted_values)) - 1]

@@ -30,7 +30,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -48,6 +47,16 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import (  # noqa: E402
+    cache_dir,
+    int_list,
+    machine_line,
+    note,
+    percentile,
+    proc_cpu_seconds,
+    proc_rss_kib,
+    system_busy_seconds,
+)
 from libmilter_ext import protocol as P  # noqa: E402
 from libmilter_ext.testing import MilterClient, MilterError, Response  # noqa: E402
 
@@ -128,11 +137,6 @@ class Cell:
 # -- the implementations ---------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "spfmilter-bench"
-
-
 def build_c_noop(directory: Path) -> Path:
     """Compile bench/noop_milter.c with -O2 (reused while the source is unchanged)."""
     import hashlib
@@ -178,10 +182,6 @@ def pymilter_python(venv: Path) -> tuple[Path, str]:
     if found.returncode != 0:
         raise BenchError(f"pymilter installed in {venv} but does not import:\n{found.stderr}")
     return python, found.stdout.strip()
-
-
-def note(text: str) -> None:
-    print(f"# {text}", file=sys.stderr, flush=True)
 
 
 # -- milter processes ------------------------------------------------------------------------
@@ -235,15 +235,10 @@ class Running:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the whole process (all threads) so far."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_seconds(self.proc.pid)
 
     def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return proc_rss_kib(self.proc.pid) / 1024
 
     def alive(self) -> None:
         if self.proc.poll() is not None:
@@ -335,22 +330,6 @@ def _worker(spec: str, mode: str, warmup: int, count: int,
             client.close()
 
 
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs spent busy since boot (from /proc/stat)."""
-    with open("/proc/stat") as stat:
-        ticks = [int(v) for v in stat.readline().split()[1:9]]
-    idle = ticks[3] + ticks[4]
-    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, int(-(-q * len(sorted_values) // 100)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def run_cell(milter: Running, mode: str, concurrency: int, messages: int,
              warmup: int) -> Cell:
     """Drive ``milter`` with ``concurrency`` client processes; measure ``messages`` messages."""
@@ -372,10 +351,10 @@ def run_cell(milter: Running, mode: str, concurrency: int, messages: int,
             barrier.wait(timeout=600)
         except threading.BrokenBarrierError:
             pass
-        cpu0, busy0 = milter.cpu_seconds(), machine_busy_seconds()
+        cpu0, busy0 = milter.cpu_seconds(), system_busy_seconds()
         for _ in procs:
             outcomes.append(results.get(timeout=900))
-        cpu1, busy1 = milter.cpu_seconds(), machine_busy_seconds()
+        cpu1, busy1 = milter.cpu_seconds(), system_busy_seconds()
         rss = milter.rss_mib()
     finally:
         for proc in procs:
@@ -493,18 +472,9 @@ def _x(value: float | None) -> str:
 
 
 def environment(impls: Sequence[Impl], args: argparse.Namespace, loadavg: str) -> list[str]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     versions = ", ".join(f"{i.label} {i.version}" for i in impls if i.version)
     return [
-        f"# machine: {os.cpu_count()} CPUs {model}; Linux {platform.release()}; "
-        f"Python {platform.python_version()}",
+        machine_line(),
         f"# milters: {versions}",
         f"# load: {args.messages} messages per cell after {args.warmup} warm-up messages, "
         f"{args.rounds} round(s) (median shown); one MilterClient process per connection; "
@@ -517,16 +487,6 @@ def environment(impls: Sequence[Impl], args: argparse.Namespace, loadavg: str) -
 
 
 # -- main ------------------------------------------------------------------------------------
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 1,8,32") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive numbers like 1,8,32")
-    return values
 
 
 def mode_list(text: str) -> list[str]:

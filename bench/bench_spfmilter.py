@@ -42,7 +42,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -64,10 +63,7 @@ from bench_app_dns import (  # noqa: E402
     DnsError,
     Nsd,
     inside_netns,
-    proc_cpu_seconds,
-    proc_rss_kib,
     run_in_netns,
-    system_busy_seconds,
 )
 from bench_app_load import (  # noqa: E402
     AUTHSERV_ID,
@@ -75,9 +71,18 @@ from bench_app_load import (  # noqa: E402
     Outcome,
     WorkerResult,
     message,
-    percentile,
     same,
     worker,
+)
+from benchlib import (  # noqa: E402
+    cache_dir,
+    int_list,
+    machine_line,
+    note,
+    percentile,
+    proc_cpu_seconds,
+    proc_rss_kib,
+    system_busy_seconds,
 )
 
 from libmilter_ext.testing import MilterClient, MilterError  # noqa: E402
@@ -97,16 +102,7 @@ class BenchError(Exception):
     """The benchmark could not run or a milter failed under it."""
 
 
-def note(text: str) -> None:
-    print(f"# {text}", file=sys.stderr, flush=True)
-
-
 # -- the milters -----------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "spfmilter-bench"
 
 
 def default_venv() -> Path:
@@ -476,17 +472,8 @@ def environment(args: argparse.Namespace, pyspf: dict[str, str] | None, nsd: Nsd
 
     import spfmilter
 
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     lines = [
-        f"# machine: {os.cpu_count()} CPUs {model}; Linux {platform.release()}; "
-        f"Python {platform.python_version()}",
+        machine_line(),
         f"# {SPF_LABEL} {spfmilter.__version__} (this tree; pyspf {spf.__version__.split()[0]}, "
         f"dnspython {dns.version.version}), daemon with the default policy, log_level info "
         "to a file",
@@ -512,16 +499,6 @@ def environment(args: argparse.Namespace, pyspf: dict[str, str] | None, nsd: Nsd
 
 
 # -- main ------------------------------------------------------------------------------------
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 1,8,32") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive numbers like 1,8,32")
-    return values
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
