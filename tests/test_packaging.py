@@ -161,7 +161,7 @@ def test_rpm_metadata_and_scriptlets(rpm: Path) -> None:
     assert (name, version) == ("spfmilter", VERSION)
     assert arch != "noarch"  # it carries a compiled extension
     requires = set(run("rpm", "-qp", "--requires", rpm).stdout.splitlines())
-    assert {"python3-pyspf", "python3-authres", "python3-dns"} <= requires
+    assert {"python3-pyspf", "python3-authres", "python3-dns >= 2.4"} <= requires
     scripts = run("rpm", "-qp", "--scripts", rpm).stdout
     pre = scripts.split("preinstall scriptlet")[1].split("scriptlet")[0]
     assert "groupadd -r spfmilter" in pre and "useradd -r" in pre
