@@ -327,15 +327,20 @@ def _error_hook(handler: Milter | None, stage: str, exc: BaseException) -> int:
     return handler.on_exception(stage, exc)
 
 
-def register(factory: Callable[[], Milter], name: str) -> None:
-    """Register the milter class (or factory) with libmilter under name."""
+def register(factory: Callable[[], Milter], name: str, *,
+             flags: int = ALL_ACTIONS | SMFIF_SETSYMLIST) -> None:
+    """Register the milter class (or factory) with libmilter under name.
+
+    flags: the SMFIF_* actions registered with smfi_register; each connection
+    then negotiates what it really uses (Milter.actions).
+    """
 
     def make(ctx: Context) -> Milter:
         milter = factory()
         milter._ctx = ctx
         return milter
 
-    _milter.register(name, make, _error_hook, ALL_ACTIONS | SMFIF_SETSYMLIST)
+    _milter.register(name, make, _error_hook, flags)
 
 
 _listening: list[str] = []  # the socket spec main() serves, for stop() to wake it
