@@ -437,3 +437,37 @@ def test_test_only_never_rejects_but_logs_the_verdict(daemon, workdir, dns_serve
     finally:
         write_config(daemon.cfg, workdir, dns_server)
         _reload(daemon)
+
+
+def test_logs_to_syslog_facility_mail(dns_server):
+    """The daemon as shipped logs to /dev/log; here a private /dev holds our socket."""
+    from tests.e2e.mta import private_namespace
+
+    with tempfile.TemporaryDirectory(prefix="spfl", dir="/tmp") as d:
+        work = Path(d)
+        sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sink.bind(str(work / "log.sock"))
+        sink.settimeout(10)
+        (work / "hosts").write_text(Path("/etc/hosts").read_text())
+        (work / "sasl2").mkdir()
+        cfg = work / "c.cfg"
+        write_config(cfg, work, dns_server)
+        cfg.write_text(cfg.read_text().replace("log_target = stderr",
+                                               "log_target = syslog\nlog_facility = mail"))
+        argv = [*private_namespace(work / "log.sock", work / "hosts", work / "sasl2",
+                                   work / "dev"),
+                PYTHON, "-m", "spfmilter", "-c", str(cfg), "run"]
+        with Daemon(argv, f"unix:{work}/spf.sock", work) as proc:
+            assert run(proc, sender="<u@fail.spf.test>",
+                       macros={"mail": {"i": "QSYSLOG"}}).code == 550
+            lines = []
+            while not any(b"qid=QSYSLOG" in line for line in lines):
+                lines.append(sink.recv(65536))
+        sink.close()
+        start = next(x for x in lines if b"spfmilter starting" in x)
+        decision = next(x for x in lines if b"qid=QSYSLOG" in x)
+        mail = 2 * 8  # LOG_MAIL
+        assert start.startswith(f"<{mail + 5}>spfmilter[".encode())  # notice
+        assert decision.startswith(f"<{mail + 6}>spfmilter[".encode())  # info
+        assert b"mailfrom_spf=fail action=reject" in decision
+        assert proc.stderr() == ""
