@@ -76,11 +76,12 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
 
     cfg = _load(path, required=required)
     checker = make_checker(cfg)
+    forwarder = None  # checked only where the milter would check it
+    if not (args.auth and cfg.policy.skip_authenticated) and \
+            transaction.client_skip(cfg, args.ip) is None:
+        forwarder = transaction.forwarder_skip(cfg, checker, args.ip, args.helo)
     verdict = transaction.judge(cfg, checker, ip=args.ip, helo=args.helo, sender=args.sender,
-                                authenticated=args.auth,
-                                skip=None if args.auth else transaction.forwarder_skip(
-                                    cfg, checker, args.ip, args.helo)
-                                if transaction.client_skip(cfg, args.ip) is None else None)
+                                authenticated=args.auth, skip=forwarder)
     d = verdict.decision
     reply = _reply_text(d)
     header_lines = [f"{name}: {value}" for name, value in verdict.header_fields]
