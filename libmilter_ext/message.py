@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import email.policy
 import tempfile
+from email.feedparser import BytesFeedParser
 from email.message import EmailMessage
-from email.parser import BytesParser
 from typing import IO
 
 from . import CONTINUE, Milter
@@ -15,6 +15,8 @@ SPOOL_MEMORY_LIMIT = 1 << 20  # bytes kept in memory before spooling to disk
 
 class MessageMilter(Milter):
     """Collects the message; override :meth:`message` to see it as an EmailMessage.
+
+    Lines end in "\n" in the parsed message, as the email package expects.
 
     Header values arrive from the MTA as text with 8-bit bytes escaped; they are
     written back as the original bytes, so the parsed message matches what was sent.
@@ -47,7 +49,14 @@ class MessageMilter(Milter):
     def eom(self) -> int:
         spool = self._spool()
         spool.seek(0)
-        msg = BytesParser(policy=email.policy.default).parse(spool)
+        parser = BytesFeedParser(policy=email.policy.default)
+        carry = b""  # a CR at the end of a chunk whose LF may start the next
+        for chunk in iter(lambda: spool.read(1 << 16), b""):
+            chunk = carry + chunk
+            carry = b"\r" if chunk.endswith(b"\r") else b""
+            parser.feed(chunk[:len(chunk) - len(carry)].replace(b"\r\n", b"\n"))
+        parser.feed(carry)
+        msg = parser.close()
         try:
             return self.message(msg)  # type: ignore[arg-type]
         finally:
