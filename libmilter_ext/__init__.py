@@ -76,7 +76,8 @@ from ._milter import (  # noqa: F401  (re-exported)
 
 __all__ = [
     "ACCEPT", "CONTINUE", "DISCARD", "NOREPLY", "REJECT", "SKIP", "TEMPFAIL",
-    "Context", "Milter", "MilterError", "StageError", "main", "noreply", "open_socket",
+    "Context", "Milter", "MilterError", "StageError", "handle_signals", "main", "noreply",
+    "open_socket",
     "register", "run", "setbacklog", "setdbg", "setmaxdatasize", "settimeout", "stop",
     "version",
 ]
@@ -343,6 +344,7 @@ def register(factory: Callable[[], Milter], name: str, *,
     _milter.register(name, make, _error_hook, flags)
 
 
+_DRAIN_SECONDS = 5.0  # how long main() waits for callbacks still running at the end
 _listening: list[str] = []  # the socket spec main() serves, for stop() to wake it
 
 
@@ -372,18 +374,59 @@ def _wake(spec: str) -> None:
         pass  # the 5-second poll still ends the loop
 
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Control:
+    """Process-wide run state: is smfi_main running, was a stop asked for."""
+
+    stop_requested = False
+    running = False
+    on_hup: Callable[[], None] | None = None
+    previous: dict[int, Any] = {}
+
+
 def stop() -> None:
-    """Ask a running :func:`main` to return (promptly).
+    """Ask :func:`main` to return (promptly); before main() starts, it won't run.
 
     smfi_stop waits for libmilter's accept loop, which polls with a 5-second
     timeout; connecting to our own socket meanwhile ends that wait at once.
     """
+    _Control.stop_requested = True
+    if not _Control.running:
+        return
     stopper = threading.Thread(target=_milter.stop, name="smfi_stop", daemon=True)
     stopper.start()
     while stopper.is_alive():
         for spec in _listening:
             _wake(spec)
         stopper.join(0.05)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if signum == signal.SIGHUP and _Control.on_hup is not None:
+        _Control.on_hup()
+    else:
+        stop()
+
+
+def handle_signals(*, on_hup: Callable[[], None] | None = None) -> None:
+    """Take SIGTERM/SIGINT (stop) and SIGHUP (on_hup, or stop) now.
+
+    main() does this itself; call it earlier (before opening the socket, say) so
+    that a SIGTERM during start-up also ends in a clean stop.
+    """
+    _Control.on_hup = on_hup
+    for sig in _SIGNALS:
+        previous = signal.signal(sig, _on_signal)
+        if previous is not _on_signal:
+            _Control.previous[sig] = previous
+
+
+def _restore_signals() -> None:
+    for sig, handler in _Control.previous.items():
+        signal.signal(sig, handler)
+    _Control.previous = {}
 
 
 def main(*, on_hup: Callable[[], None] | None = None) -> None:
@@ -393,9 +436,9 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
     receiving signals: SIGHUP calls on_hup (e.g. reload a config) instead of
     stopping the milter, which is what libmilter alone would do.
     """
-    if threading.current_thread() is not threading.main_thread():
-        _milter.main()
-        return
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        handle_signals(on_hup=on_hup if on_hup is not None else _Control.on_hup)
     errors: list[BaseException] = []
 
     def loop() -> None:
@@ -404,22 +447,23 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
         except BaseException as exc:  # handed to the caller's thread
             errors.append(exc)
 
-    def on_signal(signum: int, frame: Any) -> None:
-        if signum == signal.SIGHUP and on_hup is not None:
-            on_hup()
-        else:
-            stop()
-
-    previous = {s: signal.signal(s, on_signal)
-                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
     try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.5)
+        if _Control.stop_requested:
+            return
+        _Control.running = True
+        if not in_main_thread:
+            loop()
+        else:
+            thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.5)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _Control.running = False
+        if in_main_thread:
+            _restore_signals()
+        # No callback may enter Python while the interpreter finalizes.
+        _milter.shutdown(_DRAIN_SECONDS)
     if errors:
         raise errors[0]
 

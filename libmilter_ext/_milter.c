@@ -17,6 +17,8 @@
 
 #include <arpa/inet.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <strings.h>
@@ -118,19 +120,38 @@ drop_kept_state(void *state)
     PyThreadState_DeleteCurrent();
 }
 
-static PyGILState_STATE
-gil_enter(void)
-{
-    PyGILState_STATE gs = PyGILState_Ensure();
+/*
+ * Shutdown: once smfi_main has returned, the interpreter is about to finalize
+ * while libmilter's threads may still deliver a callback (a connection closing,
+ * say).  shutdown() closes the gate and waits for callbacks already inside;
+ * later ones answer without touching Python.
+ */
+static atomic_int closing;
+static atomic_int inflight;
 
+/* Take the GIL for a callback; 0 (and no GIL) once the module is shutting down. */
+static int
+gil_enter(PyGILState_STATE *gs)
+{
+    atomic_fetch_add(&inflight, 1);
+    if (atomic_load(&closing)) {
+        atomic_fetch_sub(&inflight, 1);
+        return 0;
+    }
+    *gs = PyGILState_Ensure();
     if (pthread_getspecific(keep_key) == NULL) {
         (void)PyGILState_Ensure();
         (void)pthread_setspecific(keep_key, PyThreadState_Get());
     }
-    return gs;
+    return 1;
 }
 
-#define gil_leave PyGILState_Release
+static void
+gil_leave(PyGILState_STATE gs)
+{
+    PyGILState_Release(gs);
+    atomic_fetch_sub(&inflight, 1);
+}
 
 /* ---- helpers ---------------------------------------------------------- */
 
@@ -750,9 +771,12 @@ begin(SMFICTX *ctx, int stage, sfsistat *early)
 }
 
 #define CALLBACK_PROLOGUE(stage)                        \
-    PyGILState_STATE gs = gil_enter();          \
+    PyGILState_STATE gs;                                \
     sfsistat early = SMFIS_CONTINUE, r;                 \
-    ContextObject *c = begin(ctx, stage, &early);       \
+    ContextObject *c;                                   \
+    if (!gil_enter(&gs))                                \
+        return SMFIS_TEMPFAIL;                          \
+    c = begin(ctx, stage, &early);                      \
     PyObject *res;                                      \
     if (c == NULL) {                                    \
         gil_leave(gs);                         \
@@ -970,9 +994,13 @@ SIMPLE_CALLBACK(cb_data, ST_DATA)
 static sfsistat
 cb_abort(SMFICTX *ctx)
 {
-    PyGILState_STATE gs = gil_enter();
-    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    PyGILState_STATE gs;
+    ContextObject *c;
     PyObject *res;
+
+    if (!gil_enter(&gs))
+        return SMFIS_CONTINUE;
+    c = (ContextObject *)smfi_getpriv(ctx);
 
     if (c != NULL) {
         if (c->pending != NO_VERDICT && c->pending_in_message)
@@ -993,9 +1021,13 @@ cb_abort(SMFICTX *ctx)
 static sfsistat
 cb_close(SMFICTX *ctx)
 {
-    PyGILState_STATE gs = gil_enter();
-    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    PyGILState_STATE gs;
+    ContextObject *c;
     PyObject *res;
+
+    if (!gil_enter(&gs))
+        return SMFIS_CONTINUE;
+    c = (ContextObject *)smfi_getpriv(ctx);
 
     if (c != NULL) {
         if (c->handler != NULL) {
@@ -1020,11 +1052,15 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
              unsigned long f3, unsigned long *pf0, unsigned long *pf1, unsigned long *pf2,
              unsigned long *pf3)
 {
-    PyGILState_STATE gs = gil_enter();
-    ContextObject *c = get_context(ctx, ST_NEGOTIATE);
+    PyGILState_STATE gs;
+    ContextObject *c;
     PyObject *res = NULL;
     unsigned long a = 0, p = 0;
     sfsistat r = SMFIS_ALL_OPTS;
+
+    if (!gil_enter(&gs))
+        return SMFIS_TEMPFAIL; /* shutting down: libmilter drops the connection */
+    c = get_context(ctx, ST_NEGOTIATE);
 
     if (c == NULL || c->handler == NULL) {
         if (c != NULL) {
@@ -1178,6 +1214,7 @@ mod_main(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     int rc;
 
+    atomic_store(&closing, 0);
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_main();
     Py_END_ALLOW_THREADS
@@ -1193,6 +1230,26 @@ mod_stop(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
     rc = smfi_stop();
     Py_END_ALLOW_THREADS
     return check_result(rc, "smfi_stop");
+}
+
+static PyObject *
+mod_shutdown(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    struct timespec pause = {0, 1000000}; /* 1 ms */
+    long waited_ms = 0;
+    int left;
+
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    atomic_store(&closing, 1);
+    Py_BEGIN_ALLOW_THREADS
+    while ((left = atomic_load(&inflight)) > 0 && waited_ms < (long)(timeout * 1000)) {
+        nanosleep(&pause, NULL);
+        waited_ms++;
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(left == 0);
 }
 
 static PyObject *
@@ -1215,6 +1272,8 @@ static PyMethodDef module_methods[] = {
     {"setmaxdatasize", mod_setmaxdatasize, METH_O, "Largest data packet; returns the old one."},
     {"main", mod_main, METH_NOARGS, "Run smfi_main (GIL released) until stopped."},
     {"stop", mod_stop, METH_NOARGS, "Ask smfi_main to return."},
+    {"shutdown", mod_shutdown, METH_O,
+     "After main(): stop callbacks entering Python; wait up to N s for those inside."},
     {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
     {NULL, NULL, 0, NULL},
 };

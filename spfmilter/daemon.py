@@ -241,6 +241,7 @@ class Daemon:
         """Open the socket, drop privileges, write the pidfile and serve."""
         cfg = self.config
         self._stderr = stderr
+        lm.handle_signals(on_hup=self.reload)  # a SIGTERM from here on stops cleanly
         setup_logging(cfg, force_stderr=stderr)
         for warning in configmod.warnings(cfg):
             log.warning("%s", warning)

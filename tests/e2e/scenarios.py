@@ -280,7 +280,8 @@ class MtaScenarios:
                 assert client.rcpt().code == ACCEPTED
                 assert client.data(message(before, sender="alice@pass.spf.test")).code == \
                     ACCEPTED
-                assert milter.stop() == 0
+                code = milter.stop()
+                assert code == 0, f"spfmilter exited with {code}"
                 assert_reply(client.mail("alice@pass.spf.test"), self.MILTER_DOWN)
         finally:
             if not milter.running:
@@ -290,7 +291,8 @@ class MtaScenarios:
 
     def test_milter_down_tempfails_then_restart_recovers(self, mta: Mta,
                                                          milter: SpfMilter) -> None:
-        assert milter.stop() == 0
+        code = milter.stop()
+        assert code == 0, f"spfmilter exited with {code}"
         try:
             tok = token("down")
             with mta.connect("127.0.0.2", PASS_HELO) as client:
