@@ -115,8 +115,9 @@ def test_fail_rejected_with_rfc7372_code_and_explanation(daemon):
     resp = run(daemon, sender="<user@fail.spf.test>")
     assert (resp.action, (resp.code, resp.xcode)) == ("replycode", FAIL)
     assert "127.0.0.2 is not allowed to send mail for fail.spf.test" in resp.text
-    assert ("qid=QID1 ip=127.0.0.2 helo=pass.spf.test sender=<user@fail.spf.test> "
-            "helo_spf=pass mailfrom_spf=fail action=reject") in daemon.stderr()
+    line = ("qid=QID1 ip=127.0.0.2 helo=pass.spf.test sender=<user@fail.spf.test> "
+            "helo_spf=pass mailfrom_spf=fail action=reject")
+    _wait_for(lambda: line in daemon.stderr())  # logging goes through a queue
 
 
 @pytest.mark.parametrize("domain,expected", [
@@ -386,7 +387,7 @@ def test_internal_error_gives_on_error_verdict(dns_server, on_error, action, cod
             resp = run(proc, sender="<boom@pass.spf.test>")
             assert (resp.action, resp.code, resp.xcode) == (action, *code)
             assert run(proc).action == "continue"  # the daemon keeps serving
-            err = proc.stderr()
+        err = proc.stderr()  # stopped: the log queue is flushed
         assert err.count("checker exploded") >= 1
         assert err.count("Traceback (most recent call last)") == 1
         assert f"internal error in envfrom, action={on_error}" in err
@@ -408,6 +409,8 @@ def test_root_start_drops_privileges_and_socket_is_usable(dns_server):
         proc = Daemon([PYTHON, "-m", "spfmilter", "-c", str(cfg), "run", "--stderr"],
                       f"unix:{run_dir}/spf.sock", base).start()
         try:
+            # the socket opens before the drop; "starting" is logged after it
+            _wait_for(lambda: "spfmilter starting" in proc.stderr())
             status = Path(f"/proc/{proc.proc.pid}/status").read_text()
             uids = next(line for line in status.splitlines() if line.startswith("Uid:"))
             assert uids.split()[1:] == [str(nobody.pw_uid)] * 4
