@@ -354,7 +354,14 @@ class SpfMilter:
                              f"unix:{self.socket_path}", workdir)
 
     def start(self) -> SpfMilter:
+        started = self.log().count("spfmilter starting") if self.daemon.err.exists() else 0
         self.daemon.start()
+        # The socket opens before the daemon drops root; "starting" is logged after.
+        deadline = time.monotonic() + 15
+        while self.log().count("spfmilter starting") <= started:
+            if time.monotonic() > deadline or not self.running:
+                raise HarnessError(f"spfmilter did not finish starting:\n{self.log()}")
+            time.sleep(0.02)
         return self
 
     def stop(self) -> int:
