@@ -430,21 +430,31 @@ Context_chgfrom(ContextObject *self, PyObject *args)
     return address_action(self, args, 1);
 }
 
+/* The end-of-message actions that take one string: smfi_delrcpt, smfi_quarantine. */
 static PyObject *
-Context_delrcpt(ContextObject *self, PyObject *arg)
+string_action(ContextObject *self, PyObject *arg, const char *action, unsigned long flag,
+              const char *flagname, const char *what, int (*call)(SMFICTX *, char *),
+              const char *callname)
 {
     PyObject *b;
     int rc;
 
-    if (!usable(self, "delrcpt", EOM_ONLY, SMFIF_DELRCPT, "SMFIF_DELRCPT"))
+    if (!usable(self, action, EOM_ONLY, flag, flagname))
         return NULL;
-    if ((b = encode(arg, "address")) == NULL)
+    if ((b = encode(arg, what)) == NULL)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rc = smfi_delrcpt(self->ctx, PyBytes_AS_STRING(b));
+    rc = call(self->ctx, PyBytes_AS_STRING(b));
     Py_END_ALLOW_THREADS
     Py_DECREF(b);
-    return check_result(rc, "smfi_delrcpt");
+    return check_result(rc, callname);
+}
+
+static PyObject *
+Context_delrcpt(ContextObject *self, PyObject *arg)
+{
+    return string_action(self, arg, "delrcpt", SMFIF_DELRCPT, "SMFIF_DELRCPT", "address",
+                         smfi_delrcpt, "smfi_delrcpt");
 }
 
 static PyObject *
@@ -472,18 +482,8 @@ Context_replacebody(ContextObject *self, PyObject *arg)
 static PyObject *
 Context_quarantine(ContextObject *self, PyObject *arg)
 {
-    PyObject *b;
-    int rc;
-
-    if (!usable(self, "quarantine", EOM_ONLY, SMFIF_QUARANTINE, "SMFIF_QUARANTINE"))
-        return NULL;
-    if ((b = encode(arg, "reason")) == NULL)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = smfi_quarantine(self->ctx, PyBytes_AS_STRING(b));
-    Py_END_ALLOW_THREADS
-    Py_DECREF(b);
-    return check_result(rc, "smfi_quarantine");
+    return string_action(self, arg, "quarantine", SMFIF_QUARANTINE, "SMFIF_QUARANTINE",
+                         "reason", smfi_quarantine, "smfi_quarantine");
 }
 
 static PyObject *
