@@ -1,9 +1,18 @@
 """Header fields: Authentication-Results (RFC 8601) and Received-SPF (RFC 7208 9.1).
 
-Pure functions returning field *values* (no field name, no folding).  HELO
+Pure functions returning field *values* (no field name), folded.  HELO
 names, sender addresses and comments come from the client or from DNS, so every
-piece is made ASCII, stripped of control characters and quoted or escaped; a
-parser sees exactly the results we meant, never one smuggled in.
+piece is made ASCII, stripped of control characters and quoted or escaped, and
+bounded in length once escaped; a parser sees exactly the results we meant,
+never one smuggled in.
+
+Folding (RFC 5322 2.2.3): a line break goes in before a space outside any
+quoted-string, so that lines stay within 78 octets where a break point exists
+and never exceed 998 (2.1.1).  The break is a bare ``"\n"``, the form both
+Sendmail (``put_vanilla_header``) and Postfix (``cleanup_out_header``) turn
+into a CRLF-folded line when given to ``smfi_addheader``/``smfi_insheader``;
+the space after it starts the continuation line.  Removing the ``"\n"``s gives
+back the one-line value exactly (see :func:`unfold`).
 
 Choices made here:
 
@@ -13,6 +22,9 @@ Choices made here:
 * The domain's SPF explanation is not written into either field: it is text
   for the rejected sender's SMTP reply, and recipients gain nothing from it.
 * A skipped session (``skip``) gives ``none (SPF not checked: REASON)``.
+* With ``mailfrom = address`` a local part in RFC 5321 quoted form
+  (``"a b"@example.test``) is written as it came: it already is an RFC 5322
+  quoted-string, as RFC 8601's ``pvalue`` wants.
 """
 
 from __future__ import annotations
@@ -25,12 +37,16 @@ from authres import core
 
 from .results import SpfResult
 
-__all__ = ["authentication_results", "received_spf", "is_own_authres"]
+__all__ = ["authentication_results", "received_spf", "is_own_authres", "fold", "unfold"]
 
-#: Upper bound on a comment's text; keeps the whole field well under 998 octets.
+#: Longest comment text, counted after escaping (one untrusted piece of a line).
 MAX_COMMENT = 150
-#: Longest property value written out; longer ones are left out with a comment.
+#: Longest property value, counted after quoting; longer ones are left out with a comment.
 MAX_VALUE = 320
+#: Line length to fold at where a break point exists (RFC 5322 2.1.1 "SHOULD").
+FOLD_WIDTH = 78
+#: Hard line length limit, excluding CRLF (RFC 5322 2.1.1 "MUST").
+MAX_LINE = 998
 
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+\Z")  # RFC 2045 token
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -39,6 +55,9 @@ _DOMAIN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`{|}~")
+# RFC 5321 4.1.2 Quoted-string: qtextSMTP (%d32-33 / %d35-91 / %d93-126) or "\\" %d32-126.
+# Not empty: authres reads ``""@example.test`` back as ``@example.test``.
+_QUOTED_5321 = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])+"\Z')
 
 
 def _printable(text: str, limit: int | None = None) -> str:
@@ -50,14 +69,21 @@ def _printable(text: str, limit: int | None = None) -> str:
     return text
 
 
-def _comment(text: str) -> str:
+def _comment(text: str, limit: int = MAX_COMMENT) -> str:
     """Text safe inside ``( )``: printable ASCII with ``\\``, ``(`` and ``)`` escaped.
 
     ``;`` becomes ``,`` too, for the benefit of consumers that split fields on
-    ``;`` without honouring comments.
+    ``;`` without honouring comments.  At most ``limit`` octets once escaped:
+    a longer text is cut (never inside an escape pair) and ends in ``...``.
     """
-    text = _printable(text, MAX_COMMENT).replace(";", ",")
-    return re.sub(r"([\\()])", r"\\\1", text)
+    text = _printable(text).replace(";", ",")
+    escaped = re.sub(r"([\\()])", r"\\\1", text)
+    if len(escaped) <= limit:
+        return escaped
+    cut = escaped[: limit - 3]
+    if (len(cut) - len(cut.rstrip("\\"))) % 2:  # would split a quoted-pair
+        cut = cut[:-1]
+    return cut.rstrip() + "..."
 
 
 def _quoted(text: str) -> str:
@@ -79,7 +105,7 @@ def _address(address: str) -> str:
     domain = domain[:-1] if domain.endswith(".") else domain
     if not at or not _DOMAIN.match(domain):
         return _value(address)
-    if _DOT_ATOM.match(local):
+    if _DOT_ATOM.match(local) or _QUOTED_5321.match(local):
         return f"{local}@{domain}"
     if not _printable(local):
         return _value(address)
@@ -102,7 +128,7 @@ def _spf_resinfo(spf: SpfResult, mailfrom_format: str) -> core.SPFAuthentication
             value = _value(spf.domain)
     else:
         name, value = "mailfrom", _value(spf.domain)
-    comments = [spf.comment] if spf.comment else []
+    comments = [_comment(spf.comment)] if _printable(spf.comment) else []
     properties = []
     if value and len(value) <= MAX_VALUE:
         prop = core.AuthenticationResultProperty("smtp", name)
@@ -112,7 +138,7 @@ def _spf_resinfo(spf: SpfResult, mailfrom_format: str) -> core.SPFAuthentication
         comments.append(f"smtp.{name} not shown: empty or too long")
     return core.SPFAuthenticationResult(
         result=spf.result,
-        result_comment=_comment("; ".join(comments)) or None,
+        result_comment=", ".join(comments) or None,
         properties=properties,
     )
 
@@ -145,7 +171,7 @@ def authentication_results(
         if not results:
             results.append(core.NoneAuthenticationResult("no identity could be checked"))
     header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
-    return str(header.header_value())
+    return fold("Authentication-Results", str(header.header_value()))
 
 
 def _kv_value(text: str) -> str:
@@ -169,9 +195,61 @@ def received_spf(result: SpfResult, *, ip: str, helo: str, receiver: str) -> str
     rendered = [
         f"{key}={_kv_value(value)};"
         for key, value in pairs
-        if _printable(value) and len(value) <= MAX_VALUE
+        if _printable(value) and len(_kv_value(value)) <= MAX_VALUE
     ]
-    return " ".join(parts + rendered)
+    return fold("Received-SPF", " ".join(parts + rendered))
+
+
+def _break_points(value: str) -> list[int]:
+    """Indexes of the spaces in ``value`` outside quoted-strings (comments included)."""
+    points, depth, quoted, pos = [], 0, False, 0
+    while pos < len(value):
+        char = value[pos]
+        if char == "\\" and (quoted or depth):
+            pos += 2
+            continue
+        if quoted:
+            quoted = char != '"'
+        elif char == '"' and not depth:
+            quoted = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif char == " ":
+            points.append(pos)
+        pos += 1
+    return points
+
+
+def fold(name: str, value: str, width: int = FOLD_WIDTH) -> str:
+    """``value`` of field ``name`` folded: ``"\n"`` before spaces, lines kept within width.
+
+    A line is longer than ``width`` only when it holds a single unbreakable
+    piece.  Raises ValueError if a line would still exceed :data:`MAX_LINE`
+    (our own pieces are bounded well below that, so this is a bug trap).
+    """
+    if "\r" in value or "\n" in value:
+        raise ValueError("value to fold already contains CR or LF")
+    out: list[str] = []
+    line_len = len(name) + 2  # "Name: "
+    start = 0
+    for end in [*_break_points(value), len(value)]:
+        piece = value[start:end]
+        if out and line_len + len(piece) > width:
+            out.append("\n")
+            line_len = 0
+        out.append(piece)
+        line_len += len(piece)
+        start = end
+        if line_len > MAX_LINE:
+            raise ValueError(f"{name}: unbreakable piece of {len(piece)} octets")
+    return "".join(out)
+
+
+def unfold(value: str) -> str:
+    """A folded value on one line again (RFC 5322 2.2.3: CRLF removed, WSP kept)."""
+    return re.sub(r"\r?\n(?=[ \t])", "", value)
 
 
 def _skip_cfws(text: str, pos: int) -> int:
