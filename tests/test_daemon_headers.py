@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spfmilter.headers import FOLD_WIDTH, MAX_LINE, unfold
+from spfmilter.headers import FOLD_WIDTH, unfold
+from tests.folding import check_lines
 from tests.procs import PYTHON, Daemon
 from tests.test_daemon import AR, AUTHSERV, run, write_config
 
@@ -42,11 +43,7 @@ def inserted(resp, name: str) -> str:  # noqa: ANN001
     """The one value inserted for field ``name``, its physical lines checked."""
     values = [m.value for m in resp.modifications if m.kind == "insheader" and m.name == name]
     assert len(values) == 1, resp.modifications
-    lines = f"{name}: {values[0]}".split("\n")
-    assert "\r" not in values[0]
-    assert all(line.startswith(" ") for line in lines[1:]), lines
-    assert all(len(line.encode()) <= MAX_LINE for line in lines), [len(x) for x in lines]
-    assert all(len(line) <= FOLD_WIDTH or " " not in line.strip() for line in lines), lines
+    check_lines(name, f"{name}: {values[0]}".split("\n"))
     return values[0]
 
 

@@ -403,6 +403,19 @@ class Mailbox:
                              .parsebytes(data))
         return found
 
+    def raw(self, token: str) -> bytes:
+        """The bytes of the one delivered message containing token (after wait_for)."""
+        found = []
+        for path in self.files():
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if token.encode() in data:
+                found.append(data)
+        assert len(found) == 1, f"{len(found)} messages contain {token!r}"
+        return found[0]
+
     def wait_for(self, token: str, timeout: float = DELIVERY_TIMEOUT) -> Message:
         """The one delivered message containing token, waiting for it to arrive."""
         deadline = time.monotonic() + timeout
@@ -588,12 +601,25 @@ class Mta:
         return SmtpClient(host, self.port, source=source, helo=helo)
 
 
+#: Other milters of a chain: (name, unix socket path), in the order the MTA calls them.
+MilterChain = Sequence[tuple[str, str]]
+
+
+def sendmail_filter_line(name: str, socket_path: str) -> str:
+    """An INPUT_MAIL_FILTER line for another milter of a chain (same flags as spfmilter's)."""
+    return f"INPUT_MAIL_FILTER(`{name}', `S=local:{socket_path}, F=T, T=C:5m;S:20s;R:5m;E:5m')dnl"
+
+
 class Sendmail(Mta):
-    """A private sendmail -bD built from data/sendmail.mc.in and the etc/ snippet."""
+    """A private sendmail -bD built from data/sendmail.mc.in and the etc/ snippet.
+
+    ``before``/``after``: other milters that Sendmail calls before/after spfmilter.
+    """
 
     name = "sendmail"
 
-    def __init__(self, workdir: Path, milter_socket: str, sasl: SaslUser) -> None:
+    def __init__(self, workdir: Path, milter_socket: str, sasl: SaslUser, *,
+                 before: MilterChain = (), after: MilterChain = ()) -> None:
         self.workdir = workdir
         workdir.mkdir(mode=0o755, exist_ok=True)
         self.binary = sendmail_binary()
@@ -603,6 +629,8 @@ class Sendmail(Mta):
         self.hosts = ("127.0.0.1", "::1") if ipv6_loopback() else ("127.0.0.1",)
         self.port = free_port(self.hosts)
         self.milter_name, snippet = sendmail_snippet(milter_socket)
+        snippet = "\n".join([*(sendmail_filter_line(*m) for m in before), snippet,
+                             *(sendmail_filter_line(*m) for m in after)])
         maildir = workdir / "mail"
         for sub in ("queue", "mail"):
             (workdir / sub).mkdir(mode=0o700, exist_ok=True)
@@ -663,11 +691,15 @@ class Sendmail(Mta):
 
 
 class Postfix(Mta):
-    """A private Postfix instance (postfix -c DIR) with the etc/ snippet in main.cf."""
+    """A private Postfix instance (postfix -c DIR) with the etc/ snippet in main.cf.
+
+    ``before``/``after``: other milters that Postfix calls before/after spfmilter.
+    """
 
     name = "postfix"
 
-    def __init__(self, workdir: Path, milter_socket: str, sasl: SaslUser) -> None:
+    def __init__(self, workdir: Path, milter_socket: str, sasl: SaslUser, *,
+                 before: MilterChain = (), after: MilterChain = ()) -> None:
         self.workdir = workdir
         workdir.mkdir(mode=0o755, exist_ok=True)
         self.binary = postfix_binary()
@@ -683,6 +715,11 @@ class Postfix(Mta):
         os.chown(workdir / "data", postfix.pw_uid, postfix.pw_gid)
         os.chown(workdir / "mail", nobody.pw_uid, nobody.pw_gid)
         self.snippet = postfix_snippet(milter_socket)
+        if before or after:
+            chain = [*(p for _n, p in before), milter_socket, *(p for _n, p in after)]
+            self.snippet = re.sub(r"(?m)^smtpd_milters\s*=.*$",
+                                  "smtpd_milters = " + ", ".join(f"unix:{p}" for p in chain),
+                                  self.snippet)
         main_cf = fill((DATA / "postfix-main.cf.in").read_text(), CONFIG_DIR=self.config_dir,
                        WORK=workdir, HOSTNAME=AUTHSERV_ID, MAIL_DOMAIN=MAIL_DOMAIN,
                        INET_PROTOCOLS="all" if "::1" in self.hosts else "ipv4",

@@ -25,6 +25,7 @@ import authres
 import pytest
 
 from tests.e2e.mta import AUTHSERV_ID, Mailbox, Mta, Reply, SaslUser, SpfMilter, message
+from tests.folding import check_lines
 
 #: RFC 7372 replies of the default policy.
 SPF_FAIL = (550, "5.7.23")
@@ -90,6 +91,22 @@ def send(mta: Mta, *, source: str, helo: str, sender: str, label: str,
             return tok, reply
         assert client.rcpt().code == ACCEPTED
         return tok, client.data(message(tok, sender=sender, extra_headers=extra_headers))
+
+
+def header_lines(raw: bytes, name: str) -> list[list[bytes]]:
+    """The physical lines (CRLF or LF removed) of each field ``name`` in a raw message."""
+    head = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[0]
+    fields: list[list[bytes]] = []
+    current: list[bytes] | None = None
+    for line in re.split(rb"\r?\n", head):
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        current = [line] if line.lower().startswith(name.lower().encode() + b":") else None
+        if current is not None:
+            fields.append(current)
+    return fields
 
 
 def assert_not_delivered(mailbox: Mailbox, tok: str) -> None:
@@ -229,6 +246,30 @@ class MtaScenarios:
         assert spf(headers[0])["mailfrom"] == ("pass", "pass.spf.test")
         assert [(r.method, r.result) for r in headers[1].results] == [("dkim", "pass")]
         assert "bank.example" not in "".join(msg.get_all("Authentication-Results"))
+
+    def test_long_identities_are_folded_within_998(self, mta: Mta) -> None:
+        # Issue 8 item 4: long HELO and MAIL FROM domain with long comments
+        # gave one 1150-octet line.  Folded by spfmilter ("\n" + space), the
+        # MTA writes CRLF-folded lines that unfold to exactly the results meant.
+        helo = ".".join(["h" * 63] * 3) + "." + "x" * 61
+        domain = ".".join(["d" * 60] * 3) + ".none.spf.test"
+        sender = f'"a b(c)"@{domain}'
+        tok, reply = send(mta, source="127.0.0.4", helo=helo, sender=sender, label="long")
+        assert reply.code == ACCEPTED, reply
+        msg = mta.mailbox.wait_for(tok)
+        raw = mta.mailbox.raw(tok)
+        (ar_lines,) = [f for f in header_lines(raw, "Authentication-Results")
+                       if AUTHSERV_ID.encode() in f[0]]
+        (rspf_lines,) = header_lines(raw, "Received-SPF")
+        for name, lines in (("Authentication-Results", ar_lines),
+                            ("Received-SPF", rspf_lines)):
+            assert len(lines) > 2, lines
+            check_lines(name, [line.decode("ascii") for line in lines])
+        assert spf(ours(msg)) == {"helo": ("none", helo), "mailfrom": ("none", domain)}
+        rspf = unfold(msg["Received-SPF"])
+        assert rspf.startswith("none ")
+        assert '"\\"a b(c)\\"@' + domain + '";' in rspf
+        assert f"helo={helo};" in rspf
 
     # -- sessions ------------------------------------------------------------
 
