@@ -139,3 +139,19 @@ def test_other_order_loses_the_earlier_milters_field(mta: Mta, mode: str) -> Non
     # The indexes are not shifted: had they been, other.example's field (or the
     # wrong one of ours) would be the one deleted.
     assert deliver(mta, f"X-Chain-before: {mode}") == [SPF_PASS, OTHER]
+
+
+def test_fold_form_given_to_addheader(mta: Mta) -> None:
+    """A value folded with a bare LF arrives as a folded field; with CR LF, a CR is left over.
+
+    So spfmilter hands its folded values to smfi_insheader with "\\n" + space.
+    """
+    tok, reply = send(mta, source="127.0.0.2", helo="pass.spf.test",
+                      sender="alice@pass.spf.test", label="folds",
+                      extra_headers=("X-Chain-after: folds",))
+    assert reply.code == ACCEPTED, reply
+    mta.mailbox.wait_for(tok)
+    raw = mta.mailbox.raw(tok)
+    eol = b"\r\n" if raw.split(b"\n", 1)[0].endswith(b"\r") else b"\n"  # the file's own
+    assert b"X-Fold-LF: first" + eol + b" second" + eol + b"\tthird" + eol in raw, raw
+    assert b"X-Fold-CRLF: first\r" + eol + b" second\r" + eol + b"\tthird" + eol in raw, raw

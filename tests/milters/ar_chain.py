@@ -3,7 +3,9 @@
 Stands next to spfmilter in a milter chain (tests/e2e/test_chain.py).  A
 message asks for it with an ``X-Chain-NAME`` header (NAME: this milter's
 name): ``insert`` puts the field on top (``smfi_insheader`` index 0),
-``append`` adds it at the end (``smfi_addheader``).  The field claims
+``append`` adds it at the end (``smfi_addheader``); ``folds`` adds two
+folded ``X-Fold-*`` fields, one folded with LF and one with CR LF, to show
+which form the MTA turns into a proper folded line.  The field claims
 AUTHSERV_ID and carries ``dkim=pass header.d=NAME.chain.test`` so that the
 test can tell whose it is.  Other messages pass untouched.
 
@@ -38,6 +40,9 @@ def factory(name: str, authserv_id: str) -> type[lm.Milter]:
                 self.addheader("Authentication-Results", value, 0)
             elif self.mode == "append":
                 self.addheader("Authentication-Results", value)
+            elif self.mode == "folds":
+                self.addheader("X-Fold-LF", "first\n second\n\tthird")
+                self.addheader("X-Fold-CRLF", "first\r\n second\r\n\tthird")
             return lm.CONTINUE
 
     return Chain
