@@ -1,0 +1,118 @@
+"""SpfChecker's DNS layer against NSD: void lookups (RFC 7208 4.6.4), negative caching
+(RFC 2308 5).  Zone: tests/data/zones/dns.test.zone; the relay strips the SOA from
+answers under nosoa.dns.test."""
+
+from __future__ import annotations
+
+import time
+
+import dns.message
+import dns.rcode
+import dns.rrset
+import pytest
+
+from spfmilter.spfcheck import DEFAULT_NEGATIVE_TTL, SpfChecker, _negative_ttl
+from tests.dnsserver import DnsServer
+
+HELO = "mail.spf.test"
+LONG_LOCAL = "x" * 64  # one octet over a DNS label
+
+
+def fresh(server: DnsServer, **kwargs: object) -> SpfChecker:
+    return SpfChecker(nameservers=server.addresses, **kwargs)  # type: ignore[arg-type]
+
+
+# -- void lookups: only NXDOMAIN/NODATA answers to a mechanism's lookup ----------
+
+@pytest.mark.parametrize(("ip", "sender", "expected", "comment"), [
+    ("127.0.0.1", "a@nullmx.dns.test", "pass", "ip4:127.0.0.0/8 matched"),
+    ("192.0.2.99", "a@nullmx.dns.test", "fail", "-all matched"),
+    ("127.0.0.1", f"{LONG_LOCAL}@longlocal.dns.test", "pass", "ip4:127.0.0.0/8 matched"),
+    ("192.0.2.99", f"{LONG_LOCAL}@longlocal.dns.test", "fail", "-all matched"),
+    ("127.0.0.1", "a@nodata.dns.test", "permerror", "Void lookup limit of 2 exceeded"),
+    ("127.0.0.1", "a@void-nosoa.dns.test", "permerror", "Void lookup limit of 2 exceeded"),
+])
+def test_void_lookups(dns_server: DnsServer, ip: str, sender: str, expected: str,
+                      comment: str) -> None:
+    result = fresh(dns_server).check_mailfrom(ip, sender, HELO)
+    assert (result.result, result.comment) == (expected, comment)
+
+
+def test_null_mx_asks_nothing_after_the_mx(dns_counts: DnsServer) -> None:
+    assert fresh(dns_counts).check_mailfrom("127.0.0.1", "a@nullmx.dns.test",
+                                             HELO).result == "pass"
+    assert set(dns_counts.queries) == {("nullmx.dns.test", "TXT"), ("nullmx.dns.test", "MX")}
+
+
+def test_names_dns_cannot_carry_are_not_asked(dns_counts: DnsServer) -> None:
+    fresh(dns_counts).check_mailfrom("127.0.0.1", f"{LONG_LOCAL}@longlocal.dns.test", HELO)
+    assert set(dns_counts.queries) == {("longlocal.dns.test", "TXT")}
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(2, "permerror"), (3, "pass")])
+def test_nodata_counts_against_the_limit(dns_server: DnsServer, limit: int,
+                                         expected: str) -> None:
+    checker = fresh(dns_server, void_lookup_limit=limit)
+    assert checker.check_mailfrom("127.0.0.1", "a@nodata.dns.test", HELO).result == expected
+
+
+# -- negative caching -------------------------------------------------------------
+
+@pytest.mark.parametrize(("sender", "name", "qtype"), [
+    ("a@nx.nosoa.dns.test", "nx.nosoa.dns.test", "TXT"),  # NXDOMAIN without SOA
+    ("a@nosoa.dns.test", "nosoa.dns.test", "TXT"),  # NODATA without SOA
+    ("a@void-nosoa.dns.test", "nx1.nosoa.dns.test", "A"),  # a mechanism's lookup
+])
+def test_negative_answer_without_soa_is_not_cached(dns_counts: DnsServer, sender: str,
+                                                   name: str, qtype: str) -> None:
+    checker = fresh(dns_counts)
+    first = checker.check_mailfrom("127.0.0.1", sender, HELO)
+    second = checker.check_mailfrom("127.0.0.1", sender, HELO)
+    assert first == second
+    assert first.result in ("none", "permerror")
+    assert dns_counts.count(name, qtype) == 2
+    assert checker.cache.get((name, qtype)) is None
+
+
+@pytest.mark.parametrize(("sender", "name", "ttl"), [
+    ("a@nx.dns.test", "nx.dns.test", 20),  # SOA TTL 20 < minimum 3600
+    ("a@ns.spf.test", "ns.spf.test", 60),  # NODATA; minimum 60 < SOA TTL 300
+    ("a@nxdomain.spf.test", "nxdomain.spf.test", 60),
+])
+def test_negative_answer_with_soa_lives_min_of_soa_ttl_and_minimum(
+        dns_counts: DnsServer, sender: str, name: str, ttl: int) -> None:
+    checker = fresh(dns_counts)
+    assert checker.check_mailfrom("127.0.0.1", sender, HELO).result == "none"
+    assert checker.check_mailfrom("127.0.0.1", sender, HELO).result == "none"
+    assert dns_counts.count(name, "TXT") == 1
+    entry = checker.cache.get_entry((name, "TXT"))
+    assert entry is not None
+    left = entry[0] - time.monotonic()
+    assert ttl - 10 < left <= ttl
+
+
+def _negative(rcode: int, authority: list[dns.rrset.RRset],
+              answer: list[dns.rrset.RRset] = ()) -> dns.message.Message:
+    query = dns.message.make_query("x.example.test", "TXT")
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    response.answer = list(answer)
+    response.authority = authority
+    return dns.message.from_wire(response.to_wire())  # as from a server: indexed sections
+
+
+def _soa(owner: str, ttl: int, minimum: int) -> dns.rrset.RRset:
+    return dns.rrset.from_text(owner, ttl, "IN", "SOA",
+                               f"ns.{owner} host.{owner} 1 3600 600 86400 {minimum}")
+
+
+@pytest.mark.parametrize("rcode", [dns.rcode.NXDOMAIN, dns.rcode.NOERROR])
+def test_negative_ttl(rcode: int) -> None:
+    assert DEFAULT_NEGATIVE_TTL == 0
+    assert _negative_ttl(_negative(rcode, [])) == 0
+    assert _negative_ttl(_negative(rcode, [_soa("example.test.", 300, 60)])) == 60
+    assert _negative_ttl(_negative(rcode, [_soa("example.test.", 20, 3600)])) == 20
+    # an SOA of some other zone says nothing about this name
+    assert _negative_ttl(_negative(rcode, [_soa("other.test.", 300, 60)])) == 0
+    cname = dns.rrset.from_text("x.example.test.", 5, "IN", "CNAME", "y.example.test.")
+    assert _negative_ttl(_negative(rcode, [_soa("example.test.", 300, 60)], [cname])) == 5
