@@ -22,12 +22,12 @@ from typing import Any, NamedTuple
 import dns.exception
 import dns.message
 import dns.name
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import spf
 
 from .dnscache import DnsCache
+from .nameserver import TolerantNameserver
 from .results import SpfResult
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,16 @@ def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
     return DEFAULT_NEGATIVE_TTL
 
 
+def _cname_loop(exc: dns.resolver.NoNameservers) -> bool:
+    """True when the servers answered, but with a CNAME loop or an over-long chain.
+
+    RFC 1034 3.6.2 calls that an error; it is a lasting one, not a reason to
+    try again later (RFC 7208 5.5: a ptr name whose lookup fails is skipped).
+    """
+    errors = exc.kwargs.get("errors") or []
+    return bool(errors) and all(isinstance(e[3], dns.message.ChainTooLong) for e in errors)
+
+
 def _exchange(name: dns.name.Name) -> str:
     """An MX target for pyspf: "" for a null MX's "." (RFC 7505), which it never asks."""
     return "" if name == dns.name.root else name.to_text(omit_final_dot=True)
@@ -262,10 +272,14 @@ class SpfChecker:
         if nameservers:
             self._resolver = dns.resolver.Resolver(configure=False)
             self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers
+                TolerantNameserver(host, port) for host, port in nameservers
             ]
         else:
             self._resolver = dns.resolver.Resolver()
+            self._resolver.nameservers = [
+                TolerantNameserver(ns, self._resolver.port) if isinstance(ns, str) else ns
+                for ns in self._resolver.nameservers
+            ]
         self._resolver.use_edns(0, 0, EDNS_PAYLOAD)
         _install_dispatcher()
 
@@ -424,7 +438,9 @@ class SpfChecker:
             return result, self.cache.expiry(ttl, negative=True)
         except dns.exception.Timeout:
             raise spf.TempError(f"DNS timeout for {name} {qtype}") from None
-        except dns.resolver.NoNameservers:
+        except dns.resolver.NoNameservers as exc:
+            if _cname_loop(exc):  # no data, as pyspf treats a loop; not a void lookup
+                return _Answer((), False), self.cache.expiry(0)
             raise spf.TempError(f"DNS server failure for {name} {qtype}") from None
         except dns.exception.DNSException as exc:
             raise spf.TempError(f"DNS error for {name} {qtype}: {exc}") from None

@@ -4,13 +4,16 @@ answers under nosoa.dns.test."""
 
 from __future__ import annotations
 
+import socket
 import time
 
+import dns.exception
 import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
 
+from spfmilter.nameserver import parse
 from spfmilter.spfcheck import DEFAULT_NEGATIVE_TTL, SpfChecker, _negative_ttl
 from tests.dnsserver import DnsServer
 
@@ -116,3 +119,28 @@ def test_negative_ttl(rcode: int) -> None:
     assert _negative_ttl(_negative(rcode, [_soa("other.test.", 300, 60)])) == 0
     cname = dns.rrset.from_text("x.example.test.", 5, "IN", "CNAME", "y.example.test.")
     assert _negative_ttl(_negative(rcode, [_soa("example.test.", 300, 60)], [cname])) == 5
+
+
+# -- answers dnspython alone refuses --------------------------------------------
+
+@pytest.mark.parametrize(("ip", "expected"), [("127.0.0.1", "pass"), ("192.0.2.99", "fail")])
+@pytest.mark.parametrize("domain", ["nulltext.dns.test", "cnameloop.dns.test"])
+def test_bad_records_beside_good_ones(dns_server: DnsServer, domain: str, ip: str,
+                                      expected: str) -> None:
+    assert fresh(dns_server).check_mailfrom(ip, f"a@{domain}", HELO).result == expected
+
+
+def test_record_without_strings_is_dropped_the_rest_kept(dns_server: DnsServer) -> None:
+    query = dns.message.make_query("nulltext.dns.test", "TXT")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(query.to_wire(), (dns_server.host, dns_server.port))
+        wire = sock.recv(65535)
+    with pytest.raises(dns.exception.FormError):
+        dns.message.from_wire(wire)  # what dnspython alone does
+    response = parse(query, wire)
+    assert [rd.strings for rd in response.answer[0]] == [(b"v=spf1 ip4:",
+                                                          b"127.0.0.0/8 ip6:::1 -all")]
+    broken = wire[:-1]  # the last record's data cut short: the whole answer fails
+    with pytest.raises(dns.exception.FormError):
+        parse(query, broken)
