@@ -4,6 +4,7 @@ answers under nosoa.dns.test."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -12,6 +13,8 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spfmilter.nameserver import parse
 from spfmilter.spfcheck import DEFAULT_NEGATIVE_TTL, SpfChecker, _negative_ttl
@@ -144,3 +147,31 @@ def test_record_without_strings_is_dropped_the_rest_kept(dns_server: DnsServer) 
     broken = wire[:-1]  # the last record's data cut short: the whole answer fails
     with pytest.raises(dns.exception.FormError):
         parse(query, broken)
+
+
+@settings(max_examples=int(os.environ.get("SPFMILTER_HYPOTHESIS_EXAMPLES", "200")),
+          derandomize=True, deadline=None)
+@given(rcode=st.sampled_from([dns.rcode.NXDOMAIN, dns.rcode.NOERROR]),
+       soa=st.one_of(st.none(), st.tuples(st.integers(0, 2**31 - 1),
+                                           st.integers(0, 2**31 - 1))),
+       cname_ttls=st.lists(st.integers(0, 2**31 - 1), max_size=3),
+       other_zone=st.booleans())
+def test_negative_ttl_is_min_of_soa_ttl_minimum_and_cnames(
+        rcode: int, soa: tuple[int, int] | None, cname_ttls: list[int],
+        other_zone: bool) -> None:
+    names = [f"c{i}.example.test." for i in range(len(cname_ttls))] + ["x.example.test."]
+    chain = [dns.rrset.from_text(name, ttl, "IN", "CNAME", target)
+             for name, target, ttl in zip(["x.example.test.", *names], names, cname_ttls)]
+    authority = [] if soa is None else [
+        _soa("other.test." if other_zone else "example.test.", *soa)]
+    ttl = _negative_ttl(_negative(rcode, authority, chain))
+    if soa is None or other_zone:
+        assert ttl == 0  # no SOA for this name: not cached (RFC 2308 5)
+    else:
+        assert ttl == min([*soa, *cname_ttls])
+
+
+def test_nameserver_on_ipv6(dns_server: DnsServer) -> None:
+    checker = SpfChecker(nameservers=[(dns_server.host6, dns_server.port)])
+    assert checker.check_mailfrom("::1", "a@nulltext.dns.test", HELO).result == "pass"
+    assert checker.check_mailfrom("::1", "a@long.spf.test", HELO).result == "pass"  # TCP
