@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 import dns.exception
 import dns.message
@@ -175,3 +176,74 @@ def test_nameserver_on_ipv6(dns_server: DnsServer) -> None:
     checker = SpfChecker(nameservers=[(dns_server.host6, dns_server.port)])
     assert checker.check_mailfrom("::1", "a@nulltext.dns.test", HELO).result == "pass"
     assert checker.check_mailfrom("::1", "a@long.spf.test", HELO).result == "pass"  # TCP
+
+
+# -- every kind of lookup, mixed: the void count is the NXDOMAIN/NODATA answers ------
+
+#: (term, void lookups it makes) for a client none of them authorizes (192.0.2.200).
+VOID_KINDS = [
+    ("ip4:192.0.2.1", 0),
+    ("a:has-a.v.test", 0),
+    ("a:nodata.v.test", 1),  # NODATA
+    ("a:nx.v.test", 1),  # NXDOMAIN
+    ("a:cname-nx.v.test", 1),  # NXDOMAIN at the end of a CNAME
+    ("a:loop1.v.test", 0),  # CNAME loop: no data, no answer to count
+    ("a:%{l}.v.test", 0),  # a 64-octet label: never asked
+    ("mx:nullmx.v.test", 0),  # MX 0 . (RFC 7505)
+    ("mx:nodata.v.test", 1),  # NODATA for the MX
+    ("mx:mx-nx.v.test", 1),  # its exchange is NXDOMAIN
+    ("mx:mx-ok.v.test", 0),
+    ("exists:nx.v.test", 1),
+]
+VOID_ZONE = """$ORIGIN v.test.
+$TTL 300
+@	IN SOA	ns hostmaster 1 3600 600 86400 300
+@	IN NS	ns
+ns	IN A	127.0.0.1
+has-a	IN A	192.0.2.1
+nodata	IN TXT	"no addresses"
+cname-nx	IN CNAME	gone.v.test.
+loop1	IN CNAME	loop2
+loop2	IN CNAME	loop1
+nullmx	IN MX	0 .
+mx-nx	IN MX	10 gone.v.test.
+mx-ok	IN MX	10 has-a.v.test.
+"""
+
+
+def _void_records() -> list[tuple[str, ...]]:
+    """A fixed-seed sample of term combinations ($SPFMILTER_VOID_EXAMPLES of them)."""
+    import random
+
+    rng = random.Random(4604)
+    count = int(os.environ.get("SPFMILTER_VOID_EXAMPLES", "150"))
+    singles = [(kind,) for kind, _ in VOID_KINDS]
+    return singles + [tuple(rng.choice(VOID_KINDS)[0] for _ in range(rng.randint(2, 6)))
+                      for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def void_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[DnsServer, list[tuple[str, ...]]]]:
+    records = _void_records()
+    lines = [VOID_ZONE]
+    for number, terms in enumerate(records):
+        lines.append(f'r{number}\tIN TXT\t"v=spf1 {" ".join(terms)} -all"')
+    zones = tmp_path_factory.mktemp("voidzone")
+    (zones / "v.test.zone").write_text("\n".join(lines) + "\n", encoding="ascii")
+    with DnsServer(zones, servfail_zones=(), drop=(), no_soa=(), probe_zone="v.test") as server:
+        yield server, records
+
+
+def test_void_count_is_the_nxdomain_and_nodata_answers(
+        void_server: tuple[DnsServer, list[tuple[str, ...]]]) -> None:
+    server, records = void_server
+    checker = fresh(server)
+    voids = dict(VOID_KINDS)
+    wrong = []
+    for number, terms in enumerate(records):
+        expected = "permerror" if sum(voids[t] for t in terms) > 2 else "fail"
+        got = checker.check_mailfrom("192.0.2.200", f"{LONG_LOCAL}@r{number}.v.test", HELO)
+        if got.result != expected:
+            wrong.append((terms, expected, got.result, got.comment))
+    assert not wrong, f"{len(wrong)} of {len(records)} wrong: {wrong[:5]}"
