@@ -20,18 +20,20 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import dns.exception
+import dns.message
 import dns.name
-import dns.nameserver
+import dns.rdatatype
 import dns.resolver
 import spf
 
 from .dnscache import DnsCache
+from .nameserver import TolerantNameserver
 from .results import SpfResult
 
 log = logging.getLogger(__name__)
 
-#: Negative TTL when an answer carries no SOA (RFC 2308 has nothing to go by).
-DEFAULT_NEGATIVE_TTL = 60
+#: Negative TTL of an NXDOMAIN/NODATA answer without an SOA: not cached (RFC 2308 5).
+DEFAULT_NEGATIVE_TTL = 0
 #: UDP payload size we advertise with EDNS (the DNS flag day 2020 value).
 EDNS_PAYLOAD = 1232
 
@@ -42,10 +44,15 @@ _LOCAL_MACRO = re.compile(r"%\{[lsLS]")
 
 
 class _Answer(NamedTuple):
-    """One cached lookup, already in the shape pyspf wants."""
+    """One cached lookup, already in the shape pyspf wants.
+
+    ``void``: the server answered NXDOMAIN or NODATA (RFC 7208 4.6.4); not so
+    for a name that was never asked because DNS cannot carry it.
+    """
 
     records: tuple[tuple[tuple[str, str], Any], ...]
     nxdomain: bool
+    void: bool = False
 
 
 class _Session:
@@ -85,8 +92,26 @@ def _install_dispatcher() -> None:
         spf.DNSLookup = dispatch
 
 
+#: Per pyspf lookup: one flag per answer served, True when it was void.
+_served: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "spfmilter_spf_served", default=None
+)
+
+
+def _note_served(answer: _Answer) -> None:
+    """Tell the _Query.dns call in progress (if any) whether this answer was void."""
+    served = _served.get()
+    if served is not None:
+        served.append(answer.void)
+
+
 class _Query(spf.query):
-    """pyspf query with our own void lookup limit instead of the module constant."""
+    """pyspf query with our own void lookup limit instead of the module constant.
+
+    A void lookup is one the server answered with NXDOMAIN or NODATA
+    (RFC 7208 4.6.4).  An empty result for a name pyspf or we decline to ask
+    (an empty or over-long label), or for a null MX's "." (RFC 7505), is not.
+    """
 
     def __init__(self, *args: Any, void_limit: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,8 +119,14 @@ class _Query(spf.query):
         self.count_voids = True
 
     def dns(self, name: str, qtype: str, cnames: Any = None, ignore_void: bool = False) -> list:
-        result = super().dns(name, qtype, cnames=cnames, ignore_void=True)
-        if not result and not ignore_void and self.count_voids:
+        served: list[bool] = []
+        token = _served.set(served)
+        try:
+            result = super().dns(name, qtype, cnames=cnames, ignore_void=True)
+        finally:
+            _served.reset(token)
+        if not result and any(served) and not ignore_void and self.count_voids \
+                and cnames is None:  # pyspf following a CNAME: its first call counts
             self.void_lookups += 1
             if self.void_lookups > self.void_limit:
                 raise spf.PermError(f"Void lookup limit of {self.void_limit} exceeded")
@@ -157,13 +188,42 @@ def split_sender(sender: str) -> tuple[str, str] | None:
     return (local or "postmaster", domain)
 
 
-def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
+def _negative_ttl(response: dns.message.Message) -> float:
+    """How long an NXDOMAIN/NODATA *response* may be cached (RFC 2308 5).
+
+    The TTL of the SOA in the authority section or its minimum field,
+    whichever is less (and no longer than a CNAME on the way); an answer
+    without an SOA is not cached at all.
+    """
+    chain = response.resolve_chaining()
+    if not any(rrset.rdtype == dns.rdatatype.SOA and chain.canonical_name.is_subdomain(rrset.name)
+               for rrset in response.authority):
+        return DEFAULT_NEGATIVE_TTL
+    return chain.minimum_ttl  # dnspython: min(CNAME TTLs, SOA TTL, SOA minimum)
+
+
+def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
     for response in exc.responses().values():
         try:
-            return response.resolve_chaining().minimum_ttl
-        except Exception:  # a response we cannot chain: fall back below
+            return _negative_ttl(response)
+        except dns.exception.DNSException:  # a response we cannot chain: not cached
             pass
     return DEFAULT_NEGATIVE_TTL
+
+
+def _cname_loop(exc: dns.resolver.NoNameservers) -> bool:
+    """True when the servers answered, but with a CNAME loop or an over-long chain.
+
+    RFC 1034 3.6.2 calls that an error; it is a lasting one, not a reason to
+    try again later (RFC 7208 5.5: a ptr name whose lookup fails is skipped).
+    """
+    errors = exc.kwargs.get("errors") or []
+    return bool(errors) and all(isinstance(e[3], dns.message.ChainTooLong) for e in errors)
+
+
+def _exchange(name: dns.name.Name) -> str:
+    """An MX target for pyspf: "" for a null MX's "." (RFC 7505), which it never asks."""
+    return "" if name == dns.name.root else name.to_text(omit_final_dot=True)
 
 
 def _records(name: str, qtype: str, answer: dns.resolver.Answer) -> tuple:
@@ -174,7 +234,7 @@ def _records(name: str, qtype: str, answer: dns.resolver.Answer) -> tuple:
         if qtype in ("A", "AAAA"):
             out.append((key, rdata.address))
         elif qtype == "MX":
-            out.append((key, (rdata.preference, rdata.exchange.to_text(omit_final_dot=True))))
+            out.append((key, (rdata.preference, _exchange(rdata.exchange))))
         elif qtype == "PTR":
             out.append((key, rdata.target.to_text(omit_final_dot=True)))
         elif qtype in ("TXT", "SPF"):
@@ -212,10 +272,14 @@ class SpfChecker:
         if nameservers:
             self._resolver = dns.resolver.Resolver(configure=False)
             self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers
+                TolerantNameserver(host, port) for host, port in nameservers
             ]
         else:
             self._resolver = dns.resolver.Resolver()
+            self._resolver.nameservers = [
+                TolerantNameserver(ns, self._resolver.port) if isinstance(ns, str) else ns
+                for ns in self._resolver.nameservers
+            ]
         self._resolver.use_edns(0, 0, EDNS_PAYLOAD)
         _install_dispatcher()
 
@@ -352,6 +416,7 @@ class SpfChecker:
         if qtype == "TXT" and not session.uses_local:
             session.uses_local = any(_LOCAL_MACRO.search(str(data))
                                      for _, data in cached.records)
+        _note_served(cached)
         return list(cached.records)
 
     def _resolve(self, session: _Session, name: str, qtype: str) -> tuple[_Answer, float]:
@@ -367,17 +432,23 @@ class SpfChecker:
             answer = self._resolver.resolve(qname, qtype, lifetime=remaining, search=False,
                                             raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            result = _Answer((), True)
-            ttl = _negative_ttl(exc)
+            result = _Answer((), True, void=True)
+            ttl = _nxdomain_ttl(exc)
             self.cache.put((name, qtype), result, ttl, negative=True)
             return result, self.cache.expiry(ttl, negative=True)
         except dns.exception.Timeout:
             raise spf.TempError(f"DNS timeout for {name} {qtype}") from None
-        except dns.resolver.NoNameservers:
+        except dns.resolver.NoNameservers as exc:
+            if _cname_loop(exc):  # no data, as pyspf treats a loop; not a void lookup
+                return _Answer((), False), self.cache.expiry(0)
             raise spf.TempError(f"DNS server failure for {name} {qtype}") from None
         except dns.exception.DNSException as exc:
             raise spf.TempError(f"DNS error for {name} {qtype}: {exc}") from None
-        result = _Answer(_records(name, qtype, answer), False)
-        ttl = answer.chaining_result.minimum_ttl
-        self.cache.put((name, qtype), result, ttl, negative=not result.records)
-        return result, self.cache.expiry(ttl, negative=not result.records)
+        records = _records(name, qtype, answer)
+        result = _Answer(records, False, void=not records)
+        if records:
+            ttl = answer.chaining_result.minimum_ttl
+        else:  # NODATA
+            ttl = _negative_ttl(answer.response)
+        self.cache.put((name, qtype), result, ttl, negative=not records)
+        return result, self.cache.expiry(ttl, negative=not records)

@@ -3,8 +3,10 @@
 Debian's NSD serves the zone files in ``tests/data/zones`` on a private
 loopback port.  In front of it runs a small UDP/TCP relay that listens on
 127.0.0.1 and ::1 (same port), counts every query it sees by (name, type),
-and drops queries under chosen names so that resolvers time out.  Tests
-talk to the relay's port only.
+drops queries under chosen names (or as a predicate chooses) so that
+resolvers time out, and strips the authority section (so the SOA) from
+answers under other chosen names, as some servers send negative answers.
+Tests talk to the relay's port only.
 
 Zones: every ``NAME.zone`` file in the zones folder (``root.zone`` is the
 stand-in root ``.``, so unknown names get NXDOMAIN instead of REFUSED), plus
@@ -39,6 +41,8 @@ NSD_CHECKZONE = "/usr/sbin/nsd-checkzone"
 SERVFAIL_ZONES = ("servfail.test",)
 #: Names (and everything below them) whose queries are never answered.
 DROPPED_NAMES = ("timeout.spf.test",)
+#: Names (and everything below them) whose answers lose their authority section.
+NO_SOA_NAMES = ("nosoa.dns.test",)
 #: Zone queried to decide that the server is up.
 PROBE_ZONE = "spf.test"
 START_TIMEOUT = 10.0
@@ -66,6 +70,16 @@ def _qkey(wire: bytes) -> tuple[str, str]:
     return (name, dns.rdatatype.to_text(question.rdtype))
 
 
+def _under(name: str, parents: Sequence[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in parents)
+
+
+def _without_authority(answer: bytes) -> bytes:
+    message = dns.message.from_wire(answer)
+    message.authority = []
+    return message.to_wire()
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
@@ -79,9 +93,13 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 class _Front:
     """UDP/TCP relay on 127.0.0.1 and ::1 that counts and drops queries."""
 
-    def __init__(self, upstream: tuple[str, int], drop: Sequence[str]) -> None:
+    def __init__(self, upstream: tuple[str, int], drop: Sequence[str],
+                 unanswered: Callable[[str, str], bool] | None = None,
+                 no_soa: Sequence[str] = ()) -> None:
         self.upstream = upstream
         self.drop = tuple(d.lower().rstrip(".") for d in drop)
+        self.unanswered = unanswered
+        self.no_soa = tuple(d.lower().rstrip(".") for d in no_soa)
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
@@ -149,8 +167,15 @@ class _Front:
         key = _qkey(wire)
         with self._lock:
             self.queries[key] += 1
-        name = key[0]
-        return not any(name == d or name.endswith("." + d) for d in self.drop)
+        if self.unanswered is not None and self.unanswered(*key):
+            return False
+        return not _under(key[0], self.drop)
+
+    def _rewrite(self, wire: bytes, answer: bytes) -> bytes:
+        """The answer as the client gets it: without authority under no_soa names."""
+        if self.no_soa and _under(_qkey(wire)[0], self.no_soa):
+            return _without_authority(answer)
+        return answer
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         def run() -> None:
@@ -198,7 +223,7 @@ class _Front:
             up.settimeout(UPSTREAM_TIMEOUT)
             up.sendto(wire, self.upstream)
             answer = up.recv(65535)
-        listener.sendto(answer, client)
+        listener.sendto(self._rewrite(wire, answer), client)
 
     def _serve_tcp(self, conn: socket.socket) -> None:
         try:
@@ -214,7 +239,7 @@ class _Front:
                     with socket.create_connection(self.upstream, UPSTREAM_TIMEOUT) as up:
                         up.sendall(struct.pack("!H", len(wire)) + wire)
                         (size,) = struct.unpack("!H", _recv_exact(up, 2))
-                        answer = _recv_exact(up, size)
+                        answer = self._rewrite(wire, _recv_exact(up, size))
                     conn.sendall(struct.pack("!H", len(answer)) + answer)
         finally:
             with self._lock:
@@ -226,7 +251,9 @@ class DnsServer:
 
     ``host``/``port`` (and ``host6``) address the relay, which answers on
     127.0.0.1 and ::1 alike.  ``queries`` counts queries seen by
-    (name, type), names lower-case without the final dot.
+    (name, type), names lower-case without the final dot.  Queries under
+    ``drop`` names, or for which ``unanswered(name, type)`` is true, get no
+    answer; answers under ``no_soa`` names lose their authority section.
     """
 
     host = "127.0.0.1"
@@ -238,12 +265,16 @@ class DnsServer:
         *,
         servfail_zones: Sequence[str] = SERVFAIL_ZONES,
         drop: Sequence[str] = DROPPED_NAMES,
+        unanswered: Callable[[str, str], bool] | None = None,
+        no_soa: Sequence[str] = NO_SOA_NAMES,
         probe_zone: str = PROBE_ZONE,
     ) -> None:
         self.zones_dir = Path(zones_dir).resolve()
         self.probe_zone = probe_zone
         self.servfail_zones = tuple(servfail_zones)
         self.drop = tuple(drop)
+        self.unanswered = unanswered
+        self.no_soa = tuple(no_soa)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._front: _Front | None = None
@@ -291,7 +322,8 @@ class DnsServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="spfmilter-nsd-")
         try:
             self._start_nsd()
-            self._front = _Front((self.host, self.backend_port), self.drop)
+            self._front = _Front((self.host, self.backend_port), self.drop,
+                                 self.unanswered, self.no_soa)
             self._front.start()
             for host in (self.host, self.host6):
                 self._wait_ready(host, self.port, udp=False)

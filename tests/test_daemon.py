@@ -480,3 +480,27 @@ def test_logs_to_syslog_facility_mail(dns_server):
         assert decision.startswith(f"<{mail + 6}>spfmilter[".encode())  # info
         assert b"mailfrom_spf=fail action=reject" in decision
         assert proc.stderr() == ""
+
+
+@pytest.mark.parametrize(("ip", "sender", "verdict"), [
+    ("127.0.0.2", "<u@nullmx.dns.test>", "pass"),  # null MX: no void lookup
+    ("192.0.2.99", "<u@nullmx.dns.test>", "fail"),
+    ("127.0.0.2", f"<{'x' * 64}@longlocal.dns.test>", "pass"),  # label never asked
+    ("127.0.0.2", "<u@nodata.dns.test>", "permerror"),  # three NODATA answers
+])
+def test_only_nxdomain_and_nodata_are_void_lookups(daemon, ip, sender, verdict):
+    resp = run(daemon, ip=ip, sender=sender)
+    if verdict == "fail":
+        assert (resp.action, (resp.code, resp.xcode)) == ("replycode", FAIL)
+        return
+    assert resp.action == "continue"
+    assert spf_results(resp)["mailfrom"] == verdict
+
+
+def test_negative_answer_without_soa_is_asked_again(daemon, dns_counts):
+    for _ in range(3):
+        assert spf_results(run(daemon, sender="<u@nx.nosoa.dns.test>"))["mailfrom"] == "none"
+    assert dns_counts.count("nx.nosoa.dns.test", "TXT") == 3
+    for _ in range(3):
+        assert spf_results(run(daemon, sender="<u@nx.dns.test>"))["mailfrom"] == "none"
+    assert dns_counts.count("nx.dns.test", "TXT") == 1

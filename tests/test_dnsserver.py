@@ -11,6 +11,7 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdatatype
 import pytest
 
 from tests.dnsserver import DnsServer
@@ -93,3 +94,25 @@ def test_broken_zone_fails_loudly(tmp_path: Path) -> None:
     (tmp_path / "bad.test.zone").write_text("this is not a zone file\n")
     with pytest.raises(RuntimeError, match=r"zone bad\.test .*\n.*error"):
         DnsServer(tmp_path, probe_zone="bad.test").start()
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_no_soa_names_lose_the_authority_section(dns_server: DnsServer, tcp: bool) -> None:
+    stripped = ask(dns_server, "nx.nosoa.dns.test", tcp=tcp)
+    assert (stripped.rcode(), stripped.authority) == (dns.rcode.NXDOMAIN, [])
+    kept = ask(dns_server, "nx.dns.test", tcp=tcp)
+    assert kept.rcode() == dns.rcode.NXDOMAIN
+    assert [r.rdtype for r in kept.authority] == [dns.rdatatype.SOA]
+
+
+def test_unanswered_predicate_drops_chosen_types(tmp_path: Path) -> None:
+    (tmp_path / "only.test.zone").write_text(
+        "$ORIGIN only.test.\n$TTL 60\n@ IN SOA ns hostmaster 1 60 60 60 60\n@ IN NS ns\n"
+        'ns IN A 127.0.0.1\n@ IN TXT "hello"\n'
+    )
+    with DnsServer(tmp_path, probe_zone="only.test",
+                   unanswered=lambda name, qtype: qtype == "TXT") as server:
+        assert ask(server, "ns.only.test", "A").rcode() == dns.rcode.NOERROR
+        with pytest.raises(dns.exception.Timeout):
+            ask(server, "only.test", "TXT", timeout=0.3)
+        assert server.count("only.test", "TXT") == 1

@@ -1,0 +1,102 @@
+"""A DNS-over-port-53 name server for dnspython's resolver that tolerates bad records.
+
+dnspython refuses a whole answer when one record's data is invalid, such as
+a TXT record with no strings at all (RFC 1035 3.3.14 wants at least one;
+RFC 7208 test suite case ``null-text``).  Our SPF check then gets a timeout
+or temperror for a domain whose other records are fine.  This name server
+asks the same question over the same transports (UDP, TCP when truncated),
+but when strict parsing fails it keeps every well-formed record and drops
+records whose data holds a value their type does not allow.  Any other
+malformation still fails the answer, as with dnspython's own server.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.inet
+import dns.message
+import dns.nameserver
+import dns.query
+
+MAX_UDP = 65535
+
+
+def parse(request: dns.message.Message, wire: bytes, **options: Any) -> dns.message.Message:
+    """The response in *wire*; records whose data is invalid are dropped.
+
+    Raises dns.exception.FormError (or a subclass) for any other malformation.
+    """
+    kwargs = dict(keyring=request.keyring, request_mac=request.mac, **options)
+    try:
+        return dns.message.from_wire(wire, **kwargs)
+    except dns.exception.FormError as exc:
+        if not isinstance(exc.__cause__, ValueError):
+            raise
+    # A record's data has a value its type does not allow: parse again without it.
+    # dnspython wraps such a ValueError; short or overrunning data and broken
+    # sections are FormErrors of their own and still fail the whole answer.
+    response = dns.message.from_wire(wire, continue_on_error=True, **kwargs)
+    for error in response.errors:
+        if not isinstance(error.exception.__cause__, ValueError):
+            raise error.exception
+    return response
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("name server closed the TCP connection")
+        data += chunk
+    return data
+
+
+class TolerantNameserver(dns.nameserver.Do53Nameserver):
+    """Do53 server (UDP, then TCP on truncation) whose answers survive invalid records."""
+
+    def query(self, request: dns.message.QueryMessage, timeout: float, source: str | None,
+              source_port: int, max_size: bool, one_rr_per_rrset: bool = False,
+              ignore_trailing: bool = False) -> dns.message.Message:
+        options = dict(one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing)
+        family = dns.inet.af_for_address(self.address)
+        kind = socket.SOCK_STREAM if max_size else socket.SOCK_DGRAM
+        deadline = time.monotonic() + timeout
+        try:
+            with socket.socket(family, kind) as sock:
+                if source or source_port:
+                    sock.bind((source or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
+                               source_port))
+                sock.settimeout(timeout)
+                sock.connect((self.address, self.port))  # UDP: only its answers arrive
+                wire = request.to_wire()
+                if max_size:
+                    sock.sendall(struct.pack("!H", len(wire)) + wire)
+                    (size,) = struct.unpack("!H", _read(sock, 2))
+                    response = parse(request, _read(sock, size), **options)
+                    if not request.is_response(response):
+                        raise dns.query.BadResponse
+                    return response
+                sock.send(wire)
+                while True:  # a late answer to an earlier try is not ours: keep listening
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout
+                    sock.settimeout(left)
+                    try:
+                        response = parse(request, sock.recv(MAX_UDP), **options)
+                    except dns.exception.FormError:
+                        continue  # as dnspython's ignore_errors
+                    if request.is_response(response):
+                        break
+        except socket.timeout:  # TimeoutError from Python 3.10
+            raise dns.exception.Timeout(timeout=timeout) from None
+        if response.flags & dns.flags.TC:
+            raise dns.message.Truncated(message=response)
+        return response
