@@ -76,6 +76,7 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
 
     cfg = _load(path, required=required)
     checker = make_checker(cfg)
+    args.ip = transaction.client_ip(args.ip)  # as the milter's connect takes it
     forwarder = None  # checked only where the milter would check it
     if not (args.auth and cfg.policy.skip_authenticated) and \
             transaction.client_skip(cfg, args.ip) is None:

@@ -24,7 +24,7 @@ from logging.handlers import SysLogHandler
 from types import MappingProxyType
 from typing import Any, Callable, Union
 
-from . import replies
+from . import names, replies
 from .results import IDENTITIES, RESULTS
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -171,12 +171,11 @@ parse_action = _choice_parser(ACTIONS)
 
 
 def normalize_domain(text: str) -> str:
-    """Lower-case ``text`` and drop a trailing dot; ValueError unless a domain name."""
-    domain = text.strip().lower()
-    if domain.endswith("."):
-        domain = domain[:-1]
-    if not domain.isascii():
-        raise ValueError(f"{text!r} is not an ASCII domain name (use the xn-- form)")
+    """``text`` in A-labels, lower case, no trailing dot; ValueError unless a domain name.
+
+    The same form :func:`spfmilter.names.ascii_domain` gives the domain checked.
+    """
+    domain = names.ascii_domain(text)
     if not domain or len(domain) > 253:
         raise ValueError(f"{text!r} is not a domain name")
     for label in domain.split("."):
@@ -195,7 +194,7 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     networks = []
     for item in _split_list(text):
         try:
-            networks.append(ipaddress.ip_network(item, strict=True))
+            networks.append(names.canonical_network(ipaddress.ip_network(item, strict=True)))
         except ValueError as exc:
             if "host bits set" in str(exc):
                 wider = ipaddress.ip_network(item, strict=False)
