@@ -99,6 +99,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?\Z")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*\Z")
 _LIST_SPLIT = re.compile(r"[\s,]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _split_list(text: str) -> list[str]:
@@ -117,27 +118,39 @@ def _format_bool(value: bool) -> str:
     return "yes" if value else "no"
 
 
-def _int_parser(minimum: int) -> Callable[[str], int]:
+#: Largest C int: what libmilter's smfi_settimeout() takes.
+C_INT_MAX = 2**31 - 1
+#: Largest lookup_timeout: far above what any MTA waits for a milter, and within
+#: what the sockets and poll() under dnspython accept.
+MAX_LOOKUP_TIMEOUT = 3600
+
+
+def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
+        text = text.strip()
         try:
-            value = int(text.strip(), 10)
-        except ValueError:
+            value = int(text, 10)
+        except ValueError:  # also a number with more digits than int() takes
             raise ValueError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise ValueError(f"{value} is too small (minimum {minimum})")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{value} is too large (maximum {maximum})")
         return value
 
     return parse
 
 
 def parse_seconds(text: str) -> float:
-    """A positive, finite number of seconds."""
+    """A positive, finite number of seconds, at most :data:`MAX_LOOKUP_TIMEOUT`."""
     try:
         value = float(text.strip())
     except ValueError:
         raise ValueError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{text!r} must be a number of seconds greater than 0")
+    if value > MAX_LOOKUP_TIMEOUT:
+        raise ValueError(f"{text!r} is too long (maximum {MAX_LOOKUP_TIMEOUT} seconds)")
     return value
 
 
@@ -281,6 +294,8 @@ def parse_socket(text: str) -> SocketSpec:
     if proto in ("unix", "local"):
         if not rest.startswith("/"):
             raise ValueError(f"{text!r}: the socket path must be absolute")
+        if _CONTROL.search(rest):
+            raise ValueError(f"{text!r}: a path cannot hold control characters")
         if len(os.fsencode(rest)) > 107:
             raise ValueError(f"{text!r}: the socket path is longer than 107 bytes")
         return SocketSpec("unix", path=rest)
@@ -319,6 +334,8 @@ def parse_path(text: str) -> str:
     text = text.strip()
     if text and not text.startswith("/"):
         raise ValueError(f"{text!r} is not an absolute path")
+    if _CONTROL.search(text):
+        raise ValueError(f"{text!r}: a path cannot hold control characters")
     return text
 
 
@@ -345,6 +362,7 @@ class Option:
     default: str
     doc: str
     format: Callable[[Any], str] = str
+    restart: bool = False  # read only at start: a reload cannot apply a change
 
 
 def _action_options(identity: str, defaults: Mapping[str, str]) -> dict[str, Option]:
@@ -367,19 +385,39 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
             parse_socket,
             "unix:/run/spfmilter/spfmilter.sock",
             f"where to listen: {_SOCKET_FORMS}",
+            restart=True,
         ),
-        "name": Option(_parse_milter_name, "spfmilter", "milter name, as in the MTA's config"),
+        "name": Option(
+            _parse_milter_name, "spfmilter", "milter name, as in the MTA's config", restart=True
+        ),
         "user": Option(
-            parse_name, "spfmilter", "user to run as when started as root; empty = stay"
+            parse_name,
+            "spfmilter",
+            "user to run as when started as root; empty = stay",
+            restart=True,
         ),
         "group": Option(
-            parse_name, "spfmilter", "group for process and socket; empty = user's group"
+            parse_name,
+            "spfmilter",
+            "group for process and socket; empty = user's group",
+            restart=True,
         ),
         "umask": Option(
-            parse_umask, "007", "octal umask, applies to the unix socket", _format_umask
+            parse_umask,
+            "007",
+            "octal umask, applies to the unix socket",
+            _format_umask,
+            restart=True,
         ),
-        "pidfile": Option(parse_path, "/run/spfmilter/spfmilter.pid", "PID file; empty = none"),
-        "timeout": Option(_int_parser(1), "600", "seconds to wait for the MTA (smfi_settimeout)"),
+        "pidfile": Option(
+            parse_path, "/run/spfmilter/spfmilter.pid", "PID file; empty = none", restart=True
+        ),
+        "timeout": Option(
+            _int_parser(1, C_INT_MAX),
+            "600",
+            "seconds to wait for the MTA (smfi_settimeout)",
+            restart=True,
+        ),
         "on_error": Option(
             parse_action, "tempfail", "action on an internal error: accept, tempfail or reject"
         ),
@@ -448,6 +486,14 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
 DOMAIN_OPTIONS: tuple[str, ...] = tuple(
     f"{identity}_{result}" for identity in IDENTITIES for result in RESULTS
 )
+
+
+def restart_options() -> Iterator[tuple[str, str]]:
+    """(section, option) of every option a reload cannot apply."""
+    for section, options in OPTIONS.items():
+        for name, option in options.items():
+            if option.restart:
+                yield section, name
 
 
 def iter_options() -> Iterator[tuple[str, str, str, str]]:
