@@ -3,6 +3,7 @@ forged-header removal after an internal error (zone data: edges.test)."""
 
 from __future__ import annotations
 
+import signal
 import tempfile
 from pathlib import Path
 
@@ -174,3 +175,40 @@ def test_internal_error_in_header_stage_gives_on_error_verdict_at_eom(dns_server
             assert not resp.modifications
             assert run(proc).action == "continue"
 
+
+
+# -- reload: every option it cannot apply is named ---------------------------------
+
+def test_reload_warns_for_every_restart_only_option(dns_server):
+    from spfmilter import config
+
+    with tempfile.TemporaryDirectory(prefix="spfr", dir="/tmp") as d:
+        work = Path(d)
+        cfg = work / "c.cfg"
+        write_config(cfg, work, dns_server)
+        changed = {  # a new value for every option a reload cannot apply
+            ("milter", "socket"): f"unix:{work}/other.sock",
+            ("milter", "name"): "othername",
+            ("milter", "user"): "nobody",
+            ("milter", "group"): "nogroup",
+            ("milter", "umask"): "077",
+            ("milter", "pidfile"): f"{work}/other.pid",
+            ("milter", "timeout"): "31",
+        }
+        assert set(changed) == set(config.restart_options())
+        with Daemon([PYTHON, "-m", "spfmilter", "-c", str(cfg), "run", "--stderr"],
+                    f"unix:{work}/spf.sock", work) as proc:
+            text = cfg.read_text()
+            for (_section, option), value in changed.items():
+                text = "\n".join(f"{option} = {value}" if line.startswith(f"{option} =")
+                                 else line for line in text.split("\n"))
+                if f"{option} = {value}" not in text:
+                    text = text.replace("[milter]\n", f"[milter]\n{option} = {value}\n")
+            cfg.write_text(text)
+            proc.proc.send_signal(signal.SIGHUP)
+            _wait_for(lambda: "configuration reloaded" in proc.stderr())
+            for section, option in changed:
+                assert f"reload: [{section}] {option} changed; it takes effect on restart" \
+                    in proc.stderr()
+            assert run(proc).action == "continue"  # still on the old socket
+            assert (work / "spf.pid").exists() and not (work / "other.pid").exists()
