@@ -165,12 +165,13 @@ class SpfMilter(lm.Milter):
                   logvalue(self.sender), stage, self.cfg.milter.on_error, exc,
                   exc_info=(type(exc), exc, exc.__traceback__))
         decision = policy.error_decision(self.cfg.milter.on_error)
-        if decision.action != "accept" or stage in ("eom", "abort", "close"):
-            if decision.action != "accept" and stage not in ("abort", "close"):
-                try:
-                    self._reply(decision)  # a no-reply stage's verdict waits for eom
-                except lm.MilterError:
-                    pass
+        accept = decision.action == "accept"
+        if not accept and stage not in ("abort", "close"):
+            try:
+                self._reply(decision)  # a no-reply stage's verdict waits for eom
+            except lm.MilterError:
+                pass
+        if not accept or stage in ("eom", "abort", "close"):
             self.verdict = None
         elif stage == "envfrom":  # accepted unchecked: eom still removes forged headers
             self.verdict = transaction.Verdict(None, None, decision, None, ())
