@@ -20,19 +20,23 @@ EXIT_USAGE = 2
 EXIT_STARTUP = 3
 
 
+def _add_run_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--daemon", action="store_true", default=default,
+                        help="detach from the terminal (SysV init); default: foreground")
+    parser.add_argument("--stderr", action="store_true", default=default,
+                        help="log to stderr whatever the config says")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spfmilter", description="SPF (RFC 7208) policy milter for Sendmail and Postfix.")
     parser.add_argument("--version", action="version", version=f"spfmilter {__version__}")
-    parser.add_argument("-c", "--config", default=os.environ.get("SPFMILTER_CONFIG",
-                                                                 DEFAULT_CONFIG),
-                        help=f"config file (default {DEFAULT_CONFIG})")
+    parser.add_argument("-c", "--config", default=None,
+                        help=f"config file (default $SPFMILTER_CONFIG or {DEFAULT_CONFIG})")
+    _add_run_options(parser, False)  # run is the default command: its options work alone
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="run the milter (the default)")
-    run.add_argument("--daemon", action="store_true",
-                     help="detach from the terminal (SysV init); default: foreground")
-    run.add_argument("--stderr", action="store_true",
-                     help="log to stderr whatever the config says")
+    _add_run_options(run, argparse.SUPPRESS)  # given after run, or kept from before it
     sub.add_parser("check-config", help="validate the config and print the effective one")
     test = sub.add_parser("test", help="judge one client/HELO/sender as the milter would")
     test.add_argument("--ip", required=True, help="client IP address")
@@ -76,6 +80,7 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
 
     cfg = _load(path, required=required)
     checker = make_checker(cfg)
+    args.ip = transaction.client_ip(args.ip)  # as the milter's connect takes it
     forwarder = None  # checked only where the milter would check it
     if not (args.auth and cfg.policy.skip_authenticated) and \
             transaction.client_skip(cfg, args.ip) is None:
@@ -133,20 +138,20 @@ def cmd_run(path: str, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spfmilter`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    commands = {"run", "check-config", "test"}
-    if not any(a in commands for a in argv) and not any(a in ("-h", "--help", "--version")
-                                                        for a in argv):
-        argv.append("run")
-    args = parser.parse_args(argv)
-    explicit = "-c" in argv or "--config" in argv or "SPFMILTER_CONFIG" in os.environ
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command not in (None, "run") and (args.daemon or args.stderr):
+        parser.error(f"--daemon and --stderr are options of run, not of {args.command}")
+    explicit = args.config is not None or "SPFMILTER_CONFIG" in os.environ
+    path = args.config if args.config is not None else \
+        os.environ.get("SPFMILTER_CONFIG", DEFAULT_CONFIG)
+    path = os.path.abspath(path)  # a reload after --daemon's chdir("/") reads the same file
     try:
         if args.command == "check-config":
-            return cmd_check_config(args.config)
+            return cmd_check_config(path)
         if args.command == "test":
-            return cmd_test(args.config, args, required=explicit)
-        return cmd_run(args.config, args)
+            return cmd_test(path, args, required=explicit)
+        return cmd_run(path, args)
     except configmod.ConfigError as exc:
         print(f"spfmilter: {exc}", file=sys.stderr)
         return EXIT_CONFIG

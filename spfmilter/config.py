@@ -24,7 +24,7 @@ from logging.handlers import SysLogHandler
 from types import MappingProxyType
 from typing import Any, Callable, Union
 
-from . import replies
+from . import names, replies
 from .results import IDENTITIES, RESULTS
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -99,6 +99,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?\Z")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*\Z")
 _LIST_SPLIT = re.compile(r"[\s,]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _split_list(text: str) -> list[str]:
@@ -117,14 +118,21 @@ def _format_bool(value: bool) -> str:
     return "yes" if value else "no"
 
 
-def _int_parser(minimum: int) -> Callable[[str], int]:
+#: Largest C int: what libmilter's smfi_settimeout() takes.
+C_INT_MAX = 2**31 - 1
+
+
+def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
+        text = text.strip()
         try:
-            value = int(text.strip(), 10)
-        except ValueError:
+            value = int(text, 10)
+        except ValueError:  # also a number with more digits than int() takes
             raise ValueError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise ValueError(f"{value} is too small (minimum {minimum})")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{value} is too large (maximum {maximum})")
         return value
 
     return parse
@@ -171,12 +179,11 @@ parse_action = _choice_parser(ACTIONS)
 
 
 def normalize_domain(text: str) -> str:
-    """Lower-case ``text`` and drop a trailing dot; ValueError unless a domain name."""
-    domain = text.strip().lower()
-    if domain.endswith("."):
-        domain = domain[:-1]
-    if not domain.isascii():
-        raise ValueError(f"{text!r} is not an ASCII domain name (use the xn-- form)")
+    """``text`` in A-labels, lower case, no trailing dot; ValueError unless a domain name.
+
+    The same form :func:`spfmilter.names.ascii_domain` gives the domain checked.
+    """
+    domain = names.ascii_domain(text)
     if not domain or len(domain) > 253:
         raise ValueError(f"{text!r} is not a domain name")
     for label in domain.split("."):
@@ -195,7 +202,7 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     networks = []
     for item in _split_list(text):
         try:
-            networks.append(ipaddress.ip_network(item, strict=True))
+            networks.append(names.canonical_network(ipaddress.ip_network(item, strict=True)))
         except ValueError as exc:
             if "host bits set" in str(exc):
                 wider = ipaddress.ip_network(item, strict=False)
@@ -282,6 +289,8 @@ def parse_socket(text: str) -> SocketSpec:
     if proto in ("unix", "local"):
         if not rest.startswith("/"):
             raise ValueError(f"{text!r}: the socket path must be absolute")
+        if _CONTROL.search(rest):
+            raise ValueError(f"{text!r}: a path cannot hold control characters")
         if len(os.fsencode(rest)) > 107:
             raise ValueError(f"{text!r}: the socket path is longer than 107 bytes")
         return SocketSpec("unix", path=rest)
@@ -320,6 +329,8 @@ def parse_path(text: str) -> str:
     text = text.strip()
     if text and not text.startswith("/"):
         raise ValueError(f"{text!r} is not an absolute path")
+    if _CONTROL.search(text):
+        raise ValueError(f"{text!r}: a path cannot hold control characters")
     return text
 
 
@@ -346,6 +357,7 @@ class Option:
     default: str
     doc: str
     format: Callable[[Any], str] = str
+    restart: bool = False  # read only at start: a reload cannot apply a change
 
 
 def _action_options(identity: str, defaults: Mapping[str, str]) -> dict[str, Option]:
@@ -368,19 +380,39 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
             parse_socket,
             "unix:/run/spfmilter/spfmilter.sock",
             f"where to listen: {_SOCKET_FORMS}",
+            restart=True,
         ),
-        "name": Option(_parse_milter_name, "spfmilter", "milter name, as in the MTA's config"),
+        "name": Option(
+            _parse_milter_name, "spfmilter", "milter name, as in the MTA's config", restart=True
+        ),
         "user": Option(
-            parse_name, "spfmilter", "user to run as when started as root; empty = stay"
+            parse_name,
+            "spfmilter",
+            "user to run as when started as root; empty = stay",
+            restart=True,
         ),
         "group": Option(
-            parse_name, "spfmilter", "group for process and socket; empty = user's group"
+            parse_name,
+            "spfmilter",
+            "group for process and socket; empty = user's group",
+            restart=True,
         ),
         "umask": Option(
-            parse_umask, "007", "octal umask, applies to the unix socket", _format_umask
+            parse_umask,
+            "007",
+            "octal umask, applies to the unix socket",
+            _format_umask,
+            restart=True,
         ),
-        "pidfile": Option(parse_path, "/run/spfmilter/spfmilter.pid", "PID file; empty = none"),
-        "timeout": Option(_int_parser(1), "600", "seconds to wait for the MTA (smfi_settimeout)"),
+        "pidfile": Option(
+            parse_path, "/run/spfmilter/spfmilter.pid", "PID file; empty = none", restart=True
+        ),
+        "timeout": Option(
+            _int_parser(1, C_INT_MAX),
+            "600",
+            "seconds to wait for the MTA (smfi_settimeout)",
+            restart=True,
+        ),
         "on_error": Option(
             parse_action, "tempfail", "action on an internal error: accept, tempfail or reject"
         ),
@@ -449,6 +481,14 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
 DOMAIN_OPTIONS: tuple[str, ...] = tuple(
     f"{identity}_{result}" for identity in IDENTITIES for result in RESULTS
 )
+
+
+def restart_options() -> Iterator[tuple[str, str]]:
+    """(section, option) of every option a reload cannot apply."""
+    for section, options in OPTIONS.items():
+        for name, option in options.items():
+            if option.restart:
+                yield section, name
 
 
 def iter_options() -> Iterator[tuple[str, str, str, str]]:

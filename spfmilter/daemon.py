@@ -200,7 +200,7 @@ class Daemon:
     """Runs the milter for one config file until SIGTERM/SIGINT; SIGHUP reloads."""
 
     def __init__(self, path: str, cfg: Config) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)  # reload after a chdir("/") reads the same file
         self._stderr = False
         self._listener: logging.handlers.QueueListener | None = None
         self.holder = RuntimeHolder(Runtime(cfg, make_checker(cfg)))
@@ -220,9 +220,11 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s: %s", self.path, exc)
             return False
         old = self.holder.current
-        for section in ("socket", "user", "group", "umask", "pidfile", "name"):
-            if getattr(new.milter, section) != getattr(old.config.milter, section):
-                log.warning("reload: [milter] %s changed; it takes effect on restart", section)
+        for section, option in configmod.restart_options():
+            if getattr(getattr(new, section), option) != \
+                    getattr(getattr(old.config, section), option):
+                log.warning("reload: [%s] %s changed; it takes effect on restart",
+                            section, option)
         checker = old.checker if new.spf == old.config.spf else make_checker(new)
         self.holder.current = Runtime(new, checker)
         self._relog(new)

@@ -88,11 +88,12 @@ class SpfMilter(lm.Milter):
         self.queue_id: str | None = None
         self.forged: list[int] = []
         self.ar_seen = 0
+        self._judging: int | None = None  # the AR field being judged, for on_exception
 
     # -- stages --------------------------------------------------------------
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-            self.ip = hostaddr[0]
+            self.ip = transaction.client_ip(hostaddr[0])  # ::ffff:a.b.c.d is a.b.c.d
         self.client_skip = transaction.client_skip(self.cfg, self.ip)
         self.trusted = transaction.is_trusted_relay(self.cfg, self.ip)
         self.receiver = self.getsymval("j") or ""
@@ -131,9 +132,11 @@ class SpfMilter(lm.Milter):
     def header(self, name: str, value: str) -> int:
         if name.lower() == "authentication-results":
             self.ar_seen += 1
-            if self.cfg.headers.remove_forged and not self.trusted and \
-                    headers.is_own_authres(value, self.cfg.spf.authserv_id):
-                self.forged.append(self.ar_seen)
+            if self.cfg.headers.remove_forged and not self.trusted:
+                self._judging = self.ar_seen
+                if headers.is_own_authres(value, self.cfg.spf.authserv_id):
+                    self.forged.append(self.ar_seen)
+                self._judging = None
         return lm.CONTINUE
 
     def eom(self) -> int:
@@ -162,12 +165,18 @@ class SpfMilter(lm.Milter):
                   logvalue(self.sender), stage, self.cfg.milter.on_error, exc,
                   exc_info=(type(exc), exc, exc.__traceback__))
         decision = policy.error_decision(self.cfg.milter.on_error)
-        if decision.action != "accept" and stage not in ("abort", "close"):
+        accept = decision.action == "accept"
+        if not accept and stage not in ("abort", "close"):
             try:
-                self._reply(decision)
+                self._reply(decision)  # a no-reply stage's verdict waits for eom
             except lm.MilterError:
                 pass
-        self.verdict = None
+        if not accept or stage in ("eom", "abort", "close"):
+            self.verdict = None
+        elif stage == "envfrom":  # accepted unchecked: eom still removes forged headers
+            self.verdict = transaction.Verdict(None, None, decision, None, ())
+        elif stage == "header" and self._judging is not None:
+            self.forged.append(self._judging)  # a field we could not judge is not trusted
         return self.failsafe
 
     # -- helpers -------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import replies
+from . import names, replies
 from .config import PolicyConfig
 from .results import SpfResult
 
@@ -30,7 +30,7 @@ class Facts:
     ip: str
     helo: SpfResult | None = None
     mailfrom: SpfResult | None = None
-    sender_domain: str = ""  # MAIL FROM domain, or the HELO name for a null sender
+    sender_domain: str = ""  # the domain MAIL FROM was checked as (HELO name for <>)
     skip: str | None = None  # why the client is not checked ("authenticated"...)
 
 
@@ -49,8 +49,13 @@ class Decision:
 
 
 def _domain_chain(domain: str) -> list[str]:
-    """``a.b.example`` -> ``["a.b.example", "b.example", "example"]``."""
-    labels = domain.strip().lower().rstrip(".").split(".")
+    """``a.b.example`` -> ``["a.b.example", "b.example", "example"]``, in A-labels
+    (the form ``[domain:NAME]`` sections are stored in)."""
+    try:
+        domain = names.ascii_domain(domain)
+    except ValueError:
+        return []
+    labels = domain.split(".")
     return [".".join(labels[i:]) for i in range(len(labels)) if labels[i]]
 
 

@@ -31,6 +31,7 @@ GENERIC_EXPLANATIONS = {
     "temperror": "a temporary DNS error occurred, try again later",
 }
 
+_DIGITS = re.compile(r"[0-9]+")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _SPACES = re.compile(r" {2,}")
@@ -58,6 +59,12 @@ def check_template(template: str) -> None:
             raise ValueError(f"unknown placeholder {shown} in reply template (known: {known})")
         if spec and ("{" in spec or "}" in spec):
             raise ValueError(f"nested placeholder in format of {{{field}}} in reply template")
+        for number in _DIGITS.findall(spec or ""):  # width, precision (a fill is one char)
+            number = number.lstrip("0") or "0"
+            if len(number) > len(str(MAX_TEXT)) or int(number) > MAX_TEXT:
+                shown = number if len(number) <= 20 else number[:20] + "..."
+                raise ValueError(f"width or precision {shown} in format of {{{field}}}"
+                                 f" in reply template is larger than a reply ({MAX_TEXT})")
     try:
         template.format(**{name: "x" for name in FIELDS})
     except (ValueError, TypeError) as exc:

@@ -10,7 +10,6 @@ dispatcher that serves the :class:`SpfChecker` active in the calling thread
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import logging
 import math
 import re
@@ -26,6 +25,7 @@ import dns.rdatatype
 import dns.resolver
 import spf
 
+from . import names
 from .dnscache import DnsCache
 from .nameserver import TolerantNameserver
 from .results import SpfResult
@@ -156,16 +156,8 @@ def normalize_domain(text: str) -> str | None:
 
 
 def _client_ip(ip: str) -> str | None:
-    """The client address in canonical text form, or None when unusable."""
-    text = ip.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]
-    try:
-        return str(ipaddress.ip_address(text.split("%", 1)[0]))
-    except ValueError:
-        return None
+    """The client address in canonical text form (IPv4-mapped as IPv4), or None."""
+    return names.client_ip(ip)
 
 
 def split_sender(sender: str) -> tuple[str, str] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from . import headers, policy
+from . import config, headers, names, policy
 from .config import Config
 from .results import SpfResult
 from .spfcheck import SpfChecker
@@ -25,30 +25,37 @@ class Verdict:
     header_fields: tuple[tuple[str, str], ...]  # (name, value), top first
 
 
+def client_ip(ip: str) -> str:
+    """The client address as it enters spfmilter: canonical, IPv4-mapped as IPv4.
+
+    The milter's connect and ``spfmilter test --ip`` pass every address through
+    this once; text that is no address is kept as it is (the check says none).
+    """
+    return names.client_ip(ip) or ip
+
+
+def _in(networks: tuple[config.IPNetwork, ...], ip: str | None) -> bool:
+    canonical = None if ip is None else names.client_ip(ip)
+    if canonical is None:
+        return False
+    addr = ipaddress.ip_address(canonical)
+    return any(addr in net for net in networks)
+
+
 def client_skip(cfg: Config, ip: str | None) -> str | None:
     """Why a client is not checked at all, from its address alone (or None)."""
     if ip is None:
         return "local client"
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if any(addr in net for net in cfg.policy.internal_hosts):
+    if _in(cfg.policy.internal_hosts, ip):
         return "internal host"
-    if any(addr in net for net in cfg.policy.trusted_relays):
+    if _in(cfg.policy.trusted_relays, ip):
         return "trusted relay"
     return None
 
 
 def is_trusted_relay(cfg: Config, ip: str | None) -> bool:
     """True when ip is in trusted_relays (its AR headers are kept)."""
-    if ip is None:
-        return False
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in cfg.policy.trusted_relays)
+    return _in(cfg.policy.trusted_relays, ip)
 
 
 def forwarder_skip(cfg: Config, checker: SpfChecker, ip: str, helo: str) -> str | None:
@@ -59,12 +66,15 @@ def forwarder_skip(cfg: Config, checker: SpfChecker, ip: str, helo: str) -> str 
     return None
 
 
-def sender_domain(sender: str, helo: str) -> str:
-    """The domain policy overrides are looked up by: MAIL FROM's, or HELO's for <>."""
-    addr = sender.strip().strip("<>")
-    if "@" in addr:
-        return addr.rsplit("@", 1)[1].lower().rstrip(".")
-    return helo.lower().rstrip(".")
+def override_domain(mailfrom: SpfResult | None) -> str:
+    """The domain ``[domain:NAME]`` overrides are chosen by: the one MAIL FROM was
+    checked as (the HELO name for the null sender), in A-label form; "" if none."""
+    if mailfrom is None or not mailfrom.domain:
+        return ""
+    try:
+        return names.ascii_domain(mailfrom.domain)
+    except ValueError:
+        return ""
 
 
 def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender: str,
@@ -81,7 +91,7 @@ def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender
             helo_result = checker.check_helo(ip, helo)
         mailfrom_result = checker.check_mailfrom(ip, sender, helo)
     facts = policy.Facts(ip=ip or "", helo=helo_result if skip is None else None,
-                         mailfrom=mailfrom_result, sender_domain=sender_domain(sender, helo),
+                         mailfrom=mailfrom_result, sender_domain=override_domain(mailfrom_result),
                          skip=skip)
     decision = policy.decide(facts, cfg.policy)
     return Verdict(helo=facts.helo, mailfrom=mailfrom_result, decision=decision, skip=skip,

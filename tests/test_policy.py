@@ -267,3 +267,42 @@ def test_values_are_frozen() -> None:
         decision.action = "accept"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         Facts(IP).ip = "x"  # type: ignore[misc]
+
+
+# -- the override domain: the checked one, in A-labels ----------------------------
+
+@pytest.mark.parametrize("domain", [
+    "b\u00fccher.example", "B\u00dcCHER.example", "b\u00fccher.example.",
+    "xn--bcher-kva.example", "XN--BCHER-KVA.EXAMPLE", "mail.b\u00fccher.example",
+])
+def test_u_labels_match_the_a_label_section(domain: str) -> None:
+    policy = _policy({"xn--bcher-kva.example": {"mailfrom_softfail": "reject"}})
+    assert action_for(policy, "mailfrom", "softfail", domain) == "reject"
+
+
+def test_u_label_section_is_the_a_label_section() -> None:
+    from spfmilter import config
+
+    cfg = config.loads("[spf]\nauthserv_id = mx.example\n"
+                       "[domain:B\u00fccher.example.]\nmailfrom_softfail = reject\n")
+    assert dict(cfg.policy.domains) == {"xn--bcher-kva.example": {"mailfrom_softfail": "reject"}}
+    with pytest.raises(config.ConfigError, match="same domain as"):
+        config.loads("[spf]\nauthserv_id = mx.example\n"
+                     "[domain:b\u00fccher.example]\nmailfrom_fail = reject\n"
+                     "[domain:xn--bcher-kva.example]\nmailfrom_fail = accept\n")
+
+
+@pytest.mark.parametrize("checked,expected", [
+    (SpfResult("mailfrom", "fail", domain="fail.example"), "fail.example"),
+    (SpfResult("mailfrom", "fail", domain="Fail.Example."), "fail.example"),
+    (SpfResult("mailfrom", "softfail", domain="b\u00fccher.example"), "xn--bcher-kva.example"),
+    (SpfResult("mailfrom", "none", checked=False, comment="not a domain name"), ""),
+    (SpfResult("mailfrom", "none", domain="a..b\u00fc.example"), ""),
+    (None, ""),
+])
+def test_override_domain_is_the_domain_mail_from_was_checked_as(
+    checked: SpfResult | None, expected: str
+) -> None:
+    from spfmilter.transaction import override_domain
+
+    assert override_domain(checked) == expected

@@ -1,11 +1,11 @@
-"""Run the real spfmilter daemon with an SPF checker that raises, to test on_error.
+"""Run the real spfmilter daemon with an SPF checker (and AR parser) that raise, for on_error.
 
 Usage: spf_broken_dns.py CONFIG
 """
 
 import sys
 
-from spfmilter import config, daemon
+from spfmilter import config, daemon, milter
 from spfmilter.spfcheck import SpfChecker
 
 
@@ -16,6 +16,26 @@ class ExplodingChecker(SpfChecker):
         return super().check_mailfrom(ip, sender, helo)
 
 
+REAL_HEADERS = milter.headers
+
+
+def exploding_is_own_authres(value, authserv_id):
+    if "explode" in value:
+        raise RuntimeError("header parser exploded")
+    return REAL_HEADERS.is_own_authres(value, authserv_id)
+
+
+class ExplodingHeaders:
+    """spfmilter.headers, but judging an Authentication-Results field with
+    "explode" in it raises (an error in the no-reply header stage)."""
+
+    def __getattr__(self, name):
+        if name == "is_own_authres":
+            return exploding_is_own_authres
+        return getattr(REAL_HEADERS, name)
+
+
+milter.headers = ExplodingHeaders()
 daemon.make_checker = lambda cfg: ExplodingChecker(
     nameservers=cfg.spf.nameservers, lookup_timeout=cfg.spf.lookup_timeout)
 
