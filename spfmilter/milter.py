@@ -103,7 +103,8 @@ class SpfMilter(lm.Milter):
         self.helo_name = name
         self.helo_result = None
         if self.cfg.spf.check_helo and self.client_skip is None and self.ip is not None:
-            self.helo_result = self.checker.check_helo(self.ip, name)
+            self.helo_result = self.checker.check_helo(
+                self.ip, name, receiver=self.receiver or self.cfg.spf.authserv_id)
         return lm.CONTINUE
 
     def envfrom(self, sender: str, *params: str) -> int:
@@ -185,7 +186,7 @@ class SpfMilter(lm.Milter):
             return None
         if not self.forwarder_checked:
             self.forwarder = transaction.forwarder_skip(self.cfg, self.checker, self.ip,
-                                                        self.helo_name)
+                                                        self.helo_name, self.receiver)
             self.forwarder_checked = True
         return self.forwarder
 

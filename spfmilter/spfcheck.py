@@ -39,8 +39,6 @@ EDNS_PAYLOAD = 1232
 
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
 _PREFIXES = ("SPF Permanent Error: ", "SPF Temporary Error: ")
-# Macros that expand the sender's local part (RFC 7208 7.3: %{l}, %{s}, any case)
-_LOCAL_MACRO = re.compile(r"%\{[lsLS]")
 
 
 class _Answer(NamedTuple):
@@ -63,7 +61,6 @@ class _Session:
         self.deadline = deadline
         self.nxdomains: set[str] = set()
         self.expires = math.inf  # the result is good as long as every answer it used
-        self.uses_local = False  # a record expanded %{l} or %{s}: the local part matters
 
     def lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
         return self.checker._lookup(self, name, qtype)
@@ -153,6 +150,77 @@ def normalize_domain(text: str) -> str | None:
     if not all(_LABEL.match(label) for label in labels):
         return None
     return text
+
+
+#: The inputs of check_host() a cache key holds only when a macro read them;
+#: the client address and the domain checked are in every key.
+_OPTIONAL_INPUTS = ("local", "helo", "receiver")
+#: Which optional input each macro letter reads (RFC 7208 7.2).  i, c and v
+#: are the address; o is the domain; d is the domain or a name evaluation got
+#: from DNS; p is DNS data on the address (its TTLs bound the entry).  A letter
+#: not listed here -- t, the time -- makes the outcome uncachable.
+_MACRO_INPUTS: dict[str, tuple[str, ...]] = {
+    "s": ("local",), "l": ("local",), "h": ("helo",), "r": ("receiver",),
+    "o": (), "d": (), "i": (), "c": (), "v": (), "p": (),
+}
+#: Every set of optional inputs a cached outcome can be keyed on.
+_SHAPES = tuple(tuple(n for i, n in enumerate(_OPTIONAL_INPUTS) if mask >> i & 1)
+                for mask in range(1 << len(_OPTIONAL_INPUTS)))
+
+
+class _DeferredExplanation(str):
+    """An exp= domain-spec not looked up yet, and the <domain> it came with."""
+
+    domain: str
+
+
+class _RecordingQuery(_Query):
+    """A query that notes the macro letters it expands and fetches exp= last.
+
+    ``letters`` gets every macro letter pyspf expands -- in the record, in
+    included and redirected records, in exp= -- as it joins the strings, so the
+    result cache keys an outcome on what evaluation read.  pyspf looks exp= up
+    while parsing a record, before its mechanisms; RFC 7208 6.2 gives the
+    explanation a part only in a fail, so it is looked up after evaluation
+    and only then (:meth:`explanation`), and its errors just drop it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.letters: set[str] = set()
+        self.explanation_failed = False
+
+    def expand(self, s: str, stripdot: bool = True) -> str:
+        for macro in spf.RE_CHAR.finditer(s):
+            if macro.group(0).startswith("%{"):
+                self.letters.add(macro.group(0)[2:3].lower())
+        return super().expand(s, stripdot)
+
+    def get_explanation(self, spec: str) -> str | None:
+        deferred = _DeferredExplanation(spec)
+        deferred.domain = self.d
+        return deferred
+
+    def explanation(self, text: str) -> str:
+        """The fail text pyspf returned, with exp= looked up now ("" for the default)."""
+        if not isinstance(text, _DeferredExplanation):
+            return ""
+        saved, self.d = self.d, text.domain  # %{d} of the record that had exp=
+        try:
+            found = super().get_explanation(str(text))
+        except (spf.TempError, spf.PermError, spf.AmbiguityWarning):
+            self.explanation_failed = True
+            found = None
+        finally:
+            self.d = saved
+        return "" if found is None or found == self.defexps["fail"] else found
+
+    def inputs_read(self) -> tuple[str, ...] | None:
+        """The optional inputs the outcome depends on; None when it must not be cached."""
+        if self.explanation_failed or not self.letters <= _MACRO_INPUTS.keys():
+            return None
+        read = {name for letter in self.letters for name in _MACRO_INPUTS[letter]}
+        return tuple(name for name in _OPTIONAL_INPUTS if name in read)
 
 
 def _client_ip(ip: str) -> str | None:
@@ -289,11 +357,12 @@ class SpfChecker:
 
     # -- the two identities ----------------------------------------------
 
-    def check_helo(self, ip: str, helo: str) -> SpfResult:
+    def check_helo(self, ip: str, helo: str, receiver: str = "") -> SpfResult:
         """Check the HELO identity (RFC 7208 2.3) of a client at *ip*.
 
         Only a multi-label domain name is checked; for an address literal or
-        anything else the result is none with ``checked=False``.
+        anything else the result is none with ``checked=False``.  *receiver*
+        is the receiving host for ``%{r}`` (pyspf says "unknown" when empty).
         """
         client = _client_ip(ip)
         if client is None:
@@ -303,9 +372,9 @@ class SpfChecker:
         if domain is None:
             return SpfResult("helo", "none", checked=False,
                              comment=f"HELO name {helo!r} is not a domain name")
-        return self._check_host("helo", client, "postmaster", domain, helo)
+        return self._check_host("helo", client, "postmaster", domain, helo, receiver)
 
-    def check_mailfrom(self, ip: str, sender: str, helo: str) -> SpfResult:
+    def check_mailfrom(self, ip: str, sender: str, helo: str, receiver: str = "") -> SpfResult:
         """Check the MAIL FROM identity (RFC 7208 2.4); never raises.
 
         The null sender (``""`` or ``<>``) is checked as ``postmaster@<helo>``.
@@ -327,24 +396,27 @@ class SpfChecker:
         if domain is None:
             return SpfResult("mailfrom", "none", sender=address or f"postmaster@{helo}",
                              checked=False, comment=what)
-        return self._check_host("mailfrom", client, local, domain, helo)
+        return self._check_host("mailfrom", client, local, domain, helo, receiver)
 
     # -- check_host() through pyspf ----------------------------------------
 
     def _check_host(self, identity: str, ip: str, local: str, domain: str,
-                    helo: str) -> SpfResult:
+                    helo: str, receiver: str) -> SpfResult:
         sender = f"{local}@{domain}"
-        key = (identity, ip, domain.lower(), helo.lower())
-        cached = self.results.get(key + (None,)) or self.results.get(key + (local,))
-        if cached is not None:
-            result, explanation, comment = cached
-            return SpfResult(identity, result, domain=domain, sender=sender,
-                             explanation=explanation, comment=comment)
+        inputs = {"local": local, "helo": helo, "receiver": receiver}
+        for shape in _SHAPES:
+            cached = self.results.get((ip, domain, tuple((n, inputs[n]) for n in shape)))
+            if cached is not None:
+                result, explanation, comment = cached
+                return SpfResult(identity, result, domain=domain, sender=sender,
+                                 explanation=explanation, comment=comment)
         session = _Session(self, time.monotonic() + self.lookup_timeout)
         token = _session.set(session)
+        query = None
         try:
-            query = _Query(ip, sender, helo, timeout=self.lookup_timeout,
-                           void_limit=self.void_lookup_limit)
+            query = _RecordingQuery(ip, sender, helo, receiver=receiver or None,
+                                    timeout=self.lookup_timeout,
+                                    void_limit=self.void_lookup_limit)
             query.l, query.o, query.d = local, domain, domain
             result, explanation, comment = self._evaluate(query, domain, session)
         except Exception as exc:  # a pyspf bug must not take the connection down
@@ -352,16 +424,19 @@ class SpfChecker:
                         exc_info=True)
             result, explanation = "temperror", ""
             comment = f"internal error in SPF evaluation: {type(exc).__name__}"
+            query = None
         finally:
             _session.reset(token)
-        if result != "temperror":
+        shape = None if query is None or result == "temperror" else query.inputs_read()
+        if shape is not None:
             ttl = session.expires - time.monotonic()
-            self.results.put(key + (local if session.uses_local else None,),
+            self.results.put((ip, domain, tuple((n, inputs[n]) for n in shape)),
                              (result, explanation, comment), ttl)
         return SpfResult(identity, result, domain=domain, sender=sender,
                          explanation=explanation, comment=comment)
 
-    def _evaluate(self, query: _Query, domain: str, session: _Session) -> tuple[str, str, str]:
+    def _evaluate(self, query: _RecordingQuery, domain: str,
+                  session: _Session) -> tuple[str, str, str]:
         """(result, explanation, comment) of check_host() for *domain*."""
         # The initial record lookup is not a mechanism's lookup: not a void one.
         query.count_voids = False
@@ -385,7 +460,7 @@ class SpfChecker:
             return result, "", text
         if result not in ("pass", "fail", "softfail", "neutral", "none"):
             raise RuntimeError(f"pyspf gave unexpected result {result!r}")
-        explanation = text if result == "fail" and text != query.defexps["fail"] else ""
+        explanation = query.explanation(text) if result == "fail" else ""
         if query.mechanism:
             comment = f"{query.mechanism} matched"
         else:
@@ -405,9 +480,6 @@ class SpfChecker:
         session.expires = min(session.expires, expires)
         if cached.nxdomain:
             session.nxdomains.add(key[0])
-        if qtype == "TXT" and not session.uses_local:
-            session.uses_local = any(_LOCAL_MACRO.search(str(data))
-                                     for _, data in cached.records)
         _note_served(cached)
         return list(cached.records)
 

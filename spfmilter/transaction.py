@@ -58,10 +58,13 @@ def is_trusted_relay(cfg: Config, ip: str | None) -> bool:
     return _in(cfg.policy.trusted_relays, ip)
 
 
-def forwarder_skip(cfg: Config, checker: SpfChecker, ip: str, helo: str) -> str | None:
+def forwarder_skip(cfg: Config, checker: SpfChecker, ip: str, helo: str,
+                   receiver: str = "") -> str | None:
     """The forwarder domain whose SPF the client passes, as a skip reason (or None)."""
+    receiver = receiver or cfg.spf.authserv_id
     for domain in cfg.policy.forwarders:
-        if checker.check_mailfrom(ip, f"postmaster@{domain}", helo).result == "pass":
+        if checker.check_mailfrom(ip, f"postmaster@{domain}", helo,
+                                  receiver=receiver).result == "pass":
             return f"forwarder {domain}"
     return None
 
@@ -80,7 +83,12 @@ def override_domain(mailfrom: SpfResult | None) -> str:
 def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender: str,
           helo_result: SpfResult | None = None, authenticated: bool = False,
           skip: str | None = None, receiver: str = "") -> Verdict:
-    """Judge one transaction; helo_result may come from an earlier HELO check."""
+    """Judge one transaction; helo_result may come from an earlier HELO check.
+
+    *receiver* is the receiving host (the MTA's ``j`` macro) for ``%{r}`` and
+    Received-SPF; the authserv-id stands in when it is empty.
+    """
+    receiver = receiver or cfg.spf.authserv_id
     skip = skip or client_skip(cfg, ip)
     if skip is None and authenticated and cfg.policy.skip_authenticated:
         skip = "authenticated"
@@ -88,8 +96,8 @@ def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender
     if skip is None:
         assert ip is not None
         if helo_result is None and cfg.spf.check_helo:
-            helo_result = checker.check_helo(ip, helo)
-        mailfrom_result = checker.check_mailfrom(ip, sender, helo)
+            helo_result = checker.check_helo(ip, helo, receiver=receiver)
+        mailfrom_result = checker.check_mailfrom(ip, sender, helo, receiver=receiver)
     facts = policy.Facts(ip=ip or "", helo=helo_result if skip is None else None,
                          mailfrom=mailfrom_result, sender_domain=override_domain(mailfrom_result),
                          skip=skip)

@@ -10,10 +10,10 @@ from spfmilter.spfcheck import SpfChecker
 
 
 class ExplodingChecker(SpfChecker):
-    def check_mailfrom(self, ip, sender, helo):
+    def check_mailfrom(self, ip, sender, helo, receiver=""):
         if "boom" in sender:
             raise RuntimeError("checker exploded")
-        return super().check_mailfrom(ip, sender, helo)
+        return super().check_mailfrom(ip, sender, helo, receiver)
 
 
 REAL_HEADERS = milter.headers
