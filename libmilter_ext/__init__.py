@@ -126,7 +126,12 @@ def noreply(method: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a stage callback as not answering: the MTA won't wait for it.
 
     A verdict it returns anyway (or the fail-safe of an exception) is not lost:
-    it is given at the next stage that answers.
+    it is answered at every later stage that replies, without calling Python,
+    for as long as it would have held had the stage replied itself -- from
+    connect(), helo() or unknown() for the rest of the SMTP session, from a
+    message stage (envfrom() to body()) until the transaction ends (abort,
+    the next MAIL, or eom).  A no-reply envrcpt() cannot reject one recipient:
+    its verdict holds for the transaction.  SKIP is for a replying body() only.
     """
     method._milter_noreply = True  # type: ignore[attr-defined]
     return method
@@ -226,6 +231,8 @@ class Milter:
                 flags |= skip_bit
             elif getattr(method, "_milter_noreply", False):
                 flags |= noreply_bit
+            elif name == "body":
+                flags |= SMFIP_SKIP  # body() may answer SKIP where the MTA allows it
         Milter._protocol_cache[cls] = flags
         return flags
 
@@ -320,12 +327,28 @@ def reply_lines(texts: tuple[str | None, ...] | list[str | None]) -> list[str]:
     return out
 
 
+_FAILSAFE_VERDICTS = frozenset({CONTINUE, REJECT, DISCARD, ACCEPT, TEMPFAIL})
+
+
 def _error_hook(handler: Milter | None, stage: str, exc: BaseException) -> int:
+    """Called by the C layer on a libmilter thread: always returns a verdict."""
     if handler is None:
         log.error("cannot create the milter for a connection (%s): %s", stage, exc,
                   exc_info=(type(exc), exc, exc.__traceback__))
         return TEMPFAIL
-    return handler.on_exception(stage, exc)
+    try:
+        verdict = handler.on_exception(stage, exc)
+    except BaseException as hook_exc:  # SystemExit too: this is no place to exit
+        log.error("on_exception for %s raised %s: %s; answering tempfail", stage,
+                  type(hook_exc).__name__, hook_exc,
+                  exc_info=(type(hook_exc), hook_exc, hook_exc.__traceback__))
+        return TEMPFAIL
+    if not isinstance(verdict, int) or isinstance(verdict, bool) \
+            or verdict not in _FAILSAFE_VERDICTS:
+        log.error("on_exception for %s returned %r, not a verdict; answering tempfail",
+                  stage, verdict)
+        return TEMPFAIL
+    return int(verdict)
 
 
 def register(factory: Callable[[], Milter], name: str, *,

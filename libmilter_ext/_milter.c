@@ -72,6 +72,7 @@ static struct {
     PyObject *error;       /* libmilter_ext._milter.MilterError */
     PyObject *stage_error; /* ... .StageError(MilterError) */
     char *name;            /* registered filter name (libmilter keeps the pointer) */
+    PyObject *parked;      /* {SMFICTX address: closed Context}: what SMFIC_QUIT_NC keeps */
 } S;
 
 typedef struct {
@@ -81,8 +82,12 @@ typedef struct {
     unsigned long actions; /* negotiated SMFIF_* */
     unsigned long protocol;/* negotiated SMFIP_* */
     int stage;             /* callback running now, ST_IDLE between callbacks */
-    int pending;           /* verdict from a no-reply stage, given at the next reply */
-    int pending_in_message;/* that verdict belongs to the current message */
+    /* Verdicts carried from no-reply stages, answered at every later stage that
+     * replies (without calling Python) until their scope ends, as if the stage
+     * had replied itself: */
+    int conn_verdict;      /* connect/helo/unknown: the rest of the SMTP session */
+    int msg_verdict;       /* a message stage: until abort, the next MAIL or eom */
+    int neg_verdict;       /* negotiation failed: every session on the milter connection */
     PyObject *header_filter; /* bytes "name\0name\0\0" (lower case) or NULL: all */
 } ContextObject;
 
@@ -609,40 +614,84 @@ static PyTypeObject Context_Type = {
 
 /* ---- dispatch: libmilter callback -> handler method --------------------- */
 
-/* Report the exception set now and return the fail-safe verdict to use. */
-static int
-failsafe(ContextObject *c, int stage)
+/* The exception set now, normalized and with its traceback attached; NULL if none. */
+static PyObject *
+take_exception(void)
 {
-    PyObject *type, *value, *tb, *res;
-    int verdict = SMFIS_TEMPFAIL;
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
 
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
     if (tb != NULL && value != NULL)
-        PyException_SetTraceback(value, tb);
-    if (S.error_hook == NULL || value == NULL) {
-        PyErr_Restore(type, value, tb);
-        PyErr_Print();
-        return verdict;
-    }
-    res = PyObject_CallFunction(S.error_hook, "OsO",
-                                c && c->handler ? c->handler : Py_None,
-                                stage_names[stage], value);
+        (void)PyException_SetTraceback(value, tb);
     Py_XDECREF(type);
-    Py_XDECREF(value);
     Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Set exc (a reference stolen) as the current exception again. */
+static void
+restore_exception(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyObject *type = (PyObject *)Py_TYPE(exc);
+
+    Py_INCREF(type);
+    PyErr_Restore(type, exc, PyException_GetTraceback(exc));
+#endif
+}
+
+static int
+is_verdict(long v)
+{
+    return v == SMFIS_CONTINUE || v == SMFIS_REJECT || v == SMFIS_DISCARD
+           || v == SMFIS_ACCEPT || v == SMFIS_TEMPFAIL;
+}
+
+/*
+ * Report the exception set now and return the fail-safe verdict to use.  It
+ * runs on a libmilter thread, so nothing may escape to PyErr_Print (which
+ * would run Py_Exit for a SystemExit there): the error hook reports and picks
+ * the verdict; whatever goes wrong with the hook itself goes to
+ * PyErr_WriteUnraisable and the answer is TEMPFAIL.  The MTA always gets one.
+ */
+static int
+failsafe(ContextObject *c, int stage)
+{
+    PyObject *handler = c != NULL && c->handler != NULL ? c->handler : Py_None;
+    PyObject *exc = take_exception(), *res;
+    long v;
+
+    if (exc == NULL)
+        exc = PyObject_CallFunction(PyExc_SystemError, "s", "callback failed without an exception");
+    if (exc == NULL || S.error_hook == NULL) {
+        if (exc != NULL)
+            restore_exception(exc);
+        PyErr_WriteUnraisable(handler);
+        return SMFIS_TEMPFAIL;
+    }
+    res = PyObject_CallFunction(S.error_hook, "OsO", handler, stage_names[stage], exc);
+    Py_DECREF(exc);
     if (res == NULL) {
-        PyErr_Print();
-        return verdict;
+        PyErr_WriteUnraisable(S.error_hook);
+        return SMFIS_TEMPFAIL;
     }
-    if (PyLong_Check(res))
-        verdict = (int)PyLong_AsLong(res);
-    Py_DECREF(res);
-    if (PyErr_Occurred()) {
+    v = PyLong_Check(res) ? PyLong_AsLong(res) : -1;
+    if (PyErr_Occurred() || !is_verdict(v)) {
         PyErr_Clear();
-        verdict = SMFIS_TEMPFAIL;
+        PyErr_Format(PyExc_TypeError, "error hook returned %R for %s, not a verdict: "
+                     "answering tempfail", res, stage_names[stage]);
+        PyErr_WriteUnraisable(S.error_hook);
+        v = SMFIS_TEMPFAIL;
     }
-    return verdict;
+    Py_DECREF(res);
+    return (int)v;
 }
 
 static ContextObject *
@@ -657,8 +706,9 @@ new_context(SMFICTX *ctx)
     c->actions = 0;
     c->protocol = 0;
     c->stage = ST_IDLE;
-    c->pending = NO_VERDICT;
-    c->pending_in_message = 0;
+    c->conn_verdict = NO_VERDICT;
+    c->msg_verdict = NO_VERDICT;
+    c->neg_verdict = NO_VERDICT;
     c->header_filter = NULL;
     PyObject_GC_Track(c);
     if (smfi_setpriv(ctx, c) != MI_SUCCESS) {
@@ -669,38 +719,102 @@ new_context(SMFICTX *ctx)
     return c;
 }
 
+/*
+ * SMFIC_QUIT_NC ends the SMTP session (libmilter calls close) but keeps the
+ * milter connection for the next one, which starts at CONNECT without a new
+ * negotiation.  close cannot tell QUIT from QUIT_NC, so it parks the closed
+ * context under its SMFICTX address; the next session on that SMFICTX takes
+ * the negotiated state (actions, protocol, header filter) from it.  A new
+ * milter connection always negotiates first and drops whatever a freed SMFICTX
+ * at the same address left behind, so the table holds at most one entry per
+ * SMFICTX address in use: about the peak number of connections.
+ */
+static int
+park_context(SMFICTX *ctx, ContextObject *c)
+{
+    PyObject *key = PyLong_FromVoidPtr(ctx);
+    int rc = key != NULL ? PyDict_SetItem(S.parked, key, (PyObject *)c) : -1;
+
+    Py_XDECREF(key);
+    return rc;
+}
+
+/* The parked context of this SMFICTX (a new reference, removed), or NULL. */
+static ContextObject *
+unpark_context(SMFICTX *ctx)
+{
+    PyObject *key = PyLong_FromVoidPtr(ctx), *old = NULL;
+
+    if (key == NULL)
+        return NULL;
+    old = PyDict_GetItemWithError(S.parked, key);
+    if (old != NULL) {
+        Py_INCREF(old);
+        if (PyDict_DelItem(S.parked, key) < 0)
+            Py_CLEAR(old);
+    }
+    Py_DECREF(key);
+    return (ContextObject *)old;
+}
+
 /* The context of this connection, made (with its handler) on first use.  A
  * borrowed reference: libmilter's private pointer owns it until close. */
 static ContextObject *
 get_context(SMFICTX *ctx, int stage)
 {
-    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx), *old;
     PyObject *h;
 
     if (c != NULL)
         return c;
-    if ((c = new_context(ctx)) == NULL) {
-        PyErr_Print();
+    old = unpark_context(ctx);
+    if (old == NULL && PyErr_Occurred()) {
+        PyErr_WriteUnraisable(NULL);
         return NULL;
     }
+    if ((c = new_context(ctx)) == NULL) {
+        PyErr_WriteUnraisable(NULL);
+        Py_XDECREF(old);
+        return NULL;
+    }
+    if (old != NULL && stage != ST_NEGOTIATE) {
+        /* a new SMTP session on a kept milter connection */
+        c->actions = old->actions;
+        c->protocol = old->protocol;
+        c->neg_verdict = c->conn_verdict = old->neg_verdict;
+        Py_XINCREF(old->header_filter);
+        c->header_filter = old->header_filter;
+    }
+    Py_XDECREF(old);
     h = S.factory ? PyObject_CallOneArg(S.factory, (PyObject *)c) : NULL;
     if (h == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetString(S.error, "no milter factory registered");
-        c->pending = failsafe(c, stage);
-        c->pending_in_message = 0;
+        if (c->conn_verdict == NO_VERDICT)
+            c->conn_verdict = failsafe(c, stage);
+        else
+            PyErr_WriteUnraisable(NULL);
     }
     c->handler = h;
     return c;
 }
 
+/* Does this stage answer the MTA (it was not negotiated as no-reply)? */
 static int
-is_message_stage(int stage)
+replies(ContextObject *c, int stage)
 {
-    return stage >= ST_ENVFROM && stage != ST_UNKNOWN && stage <= ST_EOM;
+    return (c->protocol & stage_nr_bit[stage]) == 0;
 }
 
-/* Map a Python result to a verdict: None or an int. */
+/* The verdict carried to this stage, or NO_VERDICT. */
+static int
+carried(ContextObject *c)
+{
+    return c->conn_verdict != NO_VERDICT ? c->conn_verdict : c->msg_verdict;
+}
+
+/* Map a Python result to a verdict: None or an int; SKIP only from a body()
+ * that replies, with SMFIP_SKIP negotiated. */
 static int
 as_verdict(ContextObject *c, int stage, PyObject *res)
 {
@@ -721,21 +835,29 @@ as_verdict(ContextObject *c, int stage, PyObject *res)
         return failsafe(c, stage);
     }
     Py_DECREF(res);
+    if (v == SMFIS_SKIP && (stage != ST_BODY || !replies(c, stage)
+                            || (c->protocol & SMFIP_SKIP) == 0)) {
+        PyErr_Format(S.stage_error, "%s() returned SKIP: %s", stage_names[stage],
+                     stage != ST_BODY ? "only body() may"
+                     : !replies(c, stage) ? "a no-reply body() cannot skip"
+                                          : "the MTA did not offer SMFIP_SKIP");
+        return failsafe(c, stage);
+    }
     return (int)v;
 }
 
 /* Apply the no-reply rules: a no-reply stage answers SMFIS_NOREPLY and keeps a
- * real verdict for the next stage that may answer. */
+ * real verdict for the stages after it, within the scope of the stage. */
 static sfsistat
 finish(ContextObject *c, int stage, int verdict)
 {
-    unsigned long bit = stage_nr_bit[stage];
-
     c->stage = ST_IDLE;
-    if (bit != 0 && (c->protocol & bit) != 0) {
-        if (verdict != SMFIS_CONTINUE && verdict != SMFIS_NOREPLY && c->pending == NO_VERDICT) {
-            c->pending = verdict;
-            c->pending_in_message = is_message_stage(stage);
+    if (!replies(c, stage)) {
+        if (verdict != SMFIS_CONTINUE && verdict != SMFIS_NOREPLY) {
+            if (stage == ST_CONNECT || stage == ST_HELO || stage == ST_UNKNOWN)
+                c->conn_verdict = verdict;
+            else
+                c->msg_verdict = verdict;
         }
         return SMFIS_NOREPLY;
     }
@@ -750,26 +872,27 @@ static ContextObject *
 begin(SMFICTX *ctx, int stage, sfsistat *early)
 {
     ContextObject *c = get_context(ctx, stage);
-    unsigned long bit = stage_nr_bit[stage];
-    int replies = !(bit != 0 && (c != NULL && (c->protocol & bit) != 0));
+    int v;
 
     if (c == NULL) {
         *early = SMFIS_TEMPFAIL;
         return NULL;
     }
-    if (c->pending != NO_VERDICT && replies && stage != ST_ABORT && stage != ST_CLOSE) {
-        *early = c->pending;
-        c->pending = NO_VERDICT;
+    if (stage == ST_ENVFROM)
+        c->msg_verdict = NO_VERDICT; /* a new transaction */
+    if ((v = carried(c)) != NO_VERDICT) {
+        if (stage == ST_EOM)
+            c->msg_verdict = NO_VERDICT; /* the transaction ends with this answer */
+        *early = replies(c, stage) ? v : SMFIS_NOREPLY;
         return NULL;
     }
     if (c->handler == NULL) {
-        *early = replies ? SMFIS_TEMPFAIL : SMFIS_NOREPLY;
+        *early = replies(c, stage) ? SMFIS_TEMPFAIL : SMFIS_NOREPLY;
         return NULL;
     }
     c->stage = stage;
     return c;
 }
-
 #define CALLBACK_PROLOGUE(stage)                        \
     PyGILState_STATE gs;                                \
     sfsistat early = SMFIS_CONTINUE, r;                 \
@@ -955,9 +1078,14 @@ cb_header(SMFICTX *ctx, char *name, char *value)
      * callbacks, which libmilter never runs at the same time. */
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
 
-    if (c != NULL && c->header_filter != NULL && c->pending == NO_VERDICT &&
-        name != NULL && !header_wanted(PyBytes_AS_STRING(c->header_filter), name))
-        return (c->protocol & SMFIP_NR_HDR) ? SMFIS_NOREPLY : SMFIS_CONTINUE;
+    if (c != NULL && c->header_filter != NULL && name != NULL) {
+        int v = carried(c);
+
+        if (v != NO_VERDICT)
+            return replies(c, ST_HEADER) ? v : SMFIS_NOREPLY;
+        if (!header_wanted(PyBytes_AS_STRING(c->header_filter), name))
+            return replies(c, ST_HEADER) ? SMFIS_CONTINUE : SMFIS_NOREPLY;
+    }
     return cb_header_py(ctx, name, value);
 }
 
@@ -1003,8 +1131,7 @@ cb_abort(SMFICTX *ctx)
     c = (ContextObject *)smfi_getpriv(ctx);
 
     if (c != NULL) {
-        if (c->pending != NO_VERDICT && c->pending_in_message)
-            c->pending = NO_VERDICT;
+        c->msg_verdict = NO_VERDICT; /* the transaction is over */
         if (c->handler != NULL) {
             c->stage = ST_ABORT;
             res = call_method(c, ST_ABORT, 0, NULL, NULL, NULL);
@@ -1041,10 +1168,37 @@ cb_close(SMFICTX *ctx)
         c->ctx = NULL;
         (void)smfi_setpriv(ctx, NULL);
         Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
+        if (park_context(ctx, c) < 0)
+            PyErr_WriteUnraisable(NULL);
         Py_DECREF(c);
     }
     gil_leave(gs);
     return SMFIS_CONTINUE;
+}
+
+/* _negotiate()'s answer: any sequence of two ints (actions, protocol). */
+static int
+two_flags(PyObject *res, unsigned long *actions, unsigned long *protocol)
+{
+    if (PySequence_Check(res) && !PyUnicode_Check(res) && !PyBytes_Check(res)
+        && PySequence_Size(res) == 2) {
+        PyObject *a = PySequence_GetItem(res, 0), *p = a ? PySequence_GetItem(res, 1) : NULL;
+        int ok = p != NULL && PyLong_Check(a) && PyLong_Check(p);
+
+        if (ok) {
+            *actions = PyLong_AsUnsignedLong(a);
+            *protocol = PyLong_AsUnsignedLong(p);
+            ok = !PyErr_Occurred();
+        }
+        Py_XDECREF(a);
+        Py_XDECREF(p);
+        if (ok)
+            return 0;
+    }
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError,
+                 "_negotiate() must return two unsigned ints (actions, protocol), not %R", res);
+    return -1;
 }
 
 static sfsistat
@@ -1078,7 +1232,7 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
             Py_DECREF(meth);
         }
     }
-    if (res != NULL && PyArg_ParseTuple(res, "kk", &a, &p)) {
+    if (res != NULL && two_flags(res, &a, &p) == 0) {
         *pf0 = a;
         *pf1 = p;
         *pf2 = 0;
@@ -1087,8 +1241,7 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
         c->protocol = p;
         r = SMFIS_CONTINUE;
     } else {
-        c->pending = failsafe(c, ST_NEGOTIATE);
-        c->pending_in_message = 0;
+        c->neg_verdict = c->conn_verdict = failsafe(c, ST_NEGOTIATE);
         c->actions = f0;
         c->protocol = 0;
     }
@@ -1326,6 +1479,8 @@ PyInit__milter(void)
         if ((S.method_names[i] = PyUnicode_InternFromString(stage_names[i])) == NULL)
             goto fail;
     if ((S.negotiate_name = PyUnicode_InternFromString("_negotiate")) == NULL)
+        goto fail;
+    if (S.parked == NULL && (S.parked = PyDict_New()) == NULL)
         goto fail;
     S.error = PyErr_NewExceptionWithDoc("libmilter_ext._milter.MilterError",
                                         "A libmilter call failed.", NULL, NULL);

@@ -1,0 +1,218 @@
+"""libmilter_ext at the edges of the protocol: real milter processes over their sockets.
+
+The milters are tests/milters/edges.py in its three modes; see its docstring.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from libmilter_ext import protocol as P
+from libmilter_ext.testing import MilterClient
+from tests.procs import PYTHON, Daemon
+
+MILTERS = Path(__file__).parent / "milters"
+RCPTS = ("<r1@example.org>", "<r2@example.org>", "<r3@example.org>")
+
+
+@pytest.fixture(scope="module")
+def shortdir():
+    with tempfile.TemporaryDirectory(prefix="lme", dir="/tmp") as d:
+        yield Path(d)
+
+
+def _edges(shortdir: Path, mode: str) -> Daemon:
+    work = shortdir / mode
+    work.mkdir(exist_ok=True)
+    spec = f"unix:{shortdir}/{mode}.sock"
+    return Daemon([PYTHON, str(MILTERS / "edges.py"), spec, mode], spec, work)
+
+
+@pytest.fixture(scope="module")
+def noreply(shortdir):
+    with _edges(shortdir, "noreply") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def replying(shortdir):
+    with _edges(shortdir, "replying") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def rawhook(shortdir):
+    with _edges(shortdir, "rawhook") as d:
+        yield d
+
+
+def _rcpts(c: MilterClient) -> list[str]:
+    return [c.rcpt(r).action for r in RCPTS]
+
+
+def _message(c: MilterClient, headers=(("Subject", "hi"), ("X-Other", "o"),
+                                        ("X-Wanted", "w")), body=b"hello\r\n"):
+    assert c.mail("<a@example.org>").continues
+    assert c.rcpt("<r@example.org>").continues
+    assert c.data().continues
+    return c.message(list(headers), body)
+
+
+def _added(resp) -> dict[str, str]:
+    return dict(resp.added_headers())
+
+
+# -- 1. SMFIC_QUIT_NC: a new SMTP session on a kept milter connection --------
+
+@pytest.mark.parametrize("mode", ["noreply", "replying"])
+def test_quit_nc_keeps_negotiation_and_renews_the_handler(request, mode):
+    daemon = request.getfixturevalue(mode)
+    with MilterClient(daemon.spec) as c:
+        negotiated = c.protocol
+        handlers = []
+        for session in range(3):
+            assert c.connect(f"ok{session}.example", "192.0.2.1", 25).continues
+            assert c.helo("ok.example").continues
+            resp = _message(c)
+            assert resp.action == "continue", (session, resp)
+            added = _added(resp)
+            assert added["X-Headers"] == "Subject,X-Wanted"  # the filter is kept
+            assert added["X-Chunks"] == "1"
+            handlers.append(added["X-Handler"])
+            c.quit_nc()
+        assert c.protocol == negotiated
+    assert len(set(handlers)) == 3, "each SMTP session gets its own handler object"
+    closes = [line for line in daemon.stdout().splitlines() if line.startswith("close ")]
+    # libmilter calls close for a session before it reads the next CONNECT
+    assert {f"close {h}" for h in handlers[:2]} <= set(closes)
+
+
+def test_quit_nc_ends_the_scope_of_a_connect_verdict(noreply):
+    with MilterClient(noreply.spec) as c:
+        assert c.connect("reject.example", "192.0.2.1", 25).action == "noreply"
+        assert c.mail("<a@example.org>").action == "noreply"
+        assert _rcpts(c) == ["reject"] * 3
+        c.abort()
+        c.quit_nc()
+        assert c.connect("ok.example", "192.0.2.1", 25).action == "noreply"
+        assert _message(c).action == "continue"
+
+
+# -- 2. a verdict carried from a no-reply stage keeps its scope -------------
+
+@pytest.mark.parametrize("stage", ["connect", "helo"])
+@pytest.mark.parametrize("word,action", [("reject", "reject"), ("tempfail", "tempfail"),
+                                         ("raise", "tempfail"), ("accept", "accept")])
+def test_session_verdict_holds_for_the_whole_connection(noreply, stage, word, action):
+    with MilterClient(noreply.spec) as c:
+        host = f"{word}.example" if stage == "connect" else "ok.example"
+        assert c.connect(host, "192.0.2.1", 25).action == "noreply"
+        assert c.helo(f"{word}.example" if stage == "helo" else "ok.example").continues
+        for _ in range(2):  # two transactions: the verdict outlives abort and MAIL
+            assert c.mail("<a@example.org>").action == "noreply"
+            if action == "accept":  # the MTA sends nothing more for this message
+                assert c.rcpt(RCPTS[0]).action == "accept"
+            else:
+                assert _rcpts(c) == [action] * 3
+            c.abort()
+
+
+@pytest.mark.parametrize("word,action", [("reject", "reject"), ("tempfail", "tempfail"),
+                                         ("raise", "tempfail")])
+def test_envfrom_verdict_holds_until_the_transaction_ends(noreply, word, action):
+    with MilterClient(noreply.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        assert c.helo("ok.example").continues
+        assert c.mail(f"<{word}@example.org>").action == "noreply"
+        assert _rcpts(c) == [action] * 3
+        c.abort()
+        resp = _message(c)  # the next transaction is judged on its own
+    assert resp.action == "continue"
+    assert _added(resp)["X-Chunks"] == "1"
+
+
+def test_message_verdict_ends_at_eom_and_filtered_headers_stay_out(noreply):
+    with MilterClient(noreply.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        resp = _message(c, headers=[("Subject", "reject"), ("X-Other", "x")])
+        assert resp.action == "reject"
+        assert not resp.modifications  # eom() itself did not run
+        resp = _message(c)
+    assert resp.action == "continue"
+    assert _added(resp)["X-Headers"] == "Subject,X-Wanted"
+
+
+# -- 3. SKIP only from a replying body(), and only when the MTA offers it ----
+
+def test_skip_from_body_is_negotiated_and_sent(replying):
+    with MilterClient(replying.spec) as c:
+        assert c.protocol & P.SMFIP_SKIP
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        assert c.mail("<a@example.org>").continues
+        assert c.rcpt("<r@example.org>").continues
+        assert c.data().continues
+        for name, value in (("Subject", "s"),):
+            assert c.header(name, value).continues
+        assert c.eoh().continues
+        assert c.body(b"skip" + b"x" * (2 * P.MILTER_CHUNK_SIZE)).action == "skip"
+        resp = c.eom()
+    assert resp.action == "continue"
+    assert _added(resp)["X-Chunks"] == "1"
+
+
+def test_skip_from_body_without_smfip_skip_is_an_error(replying):
+    with MilterClient(replying.spec, protocol=P.SMFI_CURR_PROT & ~P.SMFIP_SKIP) as c:
+        assert not c.protocol & P.SMFIP_SKIP
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        resp = _message(c, body=b"skip me\r\n")
+    assert resp.action == "tempfail"
+    assert "body() returned SKIP: the MTA did not offer SMFIP_SKIP" in replying.stderr()
+
+
+def test_skip_from_another_stage_is_an_error(replying):
+    with MilterClient(replying.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        assert c.mail("<skip@example.org>").action == "tempfail"
+    assert "envfrom() returned SKIP: only body() may" in replying.stderr()
+
+
+def test_skip_from_noreply_body_is_an_error_answered_at_eom(noreply):
+    with MilterClient(noreply.spec) as c:
+        assert not c.protocol & P.SMFIP_SKIP
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        resp = _message(c, body=b"skip me\r\n")
+    assert resp.action == "tempfail"
+    assert "body() returned SKIP: a no-reply body() cannot skip" in noreply.stderr()
+
+
+# -- 7. failing error hooks still answer the MTA ----------------------------
+
+def test_on_exception_raising_systemexit_answers_tempfail(replying):
+    with MilterClient(replying.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        assert c.mail("<exit@example.org>").action == "tempfail"
+        assert _message(c).action == "continue"  # the process and connection live on
+    assert "on_exception for envfrom raised SystemExit" in replying.stderr()
+
+
+def test_on_exception_returning_nonsense_answers_tempfail(replying):
+    with MilterClient(replying.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        assert c.mail("<hook99@example.org>").action == "tempfail"
+    assert "on_exception for envfrom returned 99, not a verdict" in replying.stderr()
+
+
+@pytest.mark.parametrize("local,logged", [
+    ("exit", "SystemExit: 4"),
+    ("hook99", "error hook returned 99 for envfrom, not a verdict"),
+])
+def test_c_layer_survives_a_broken_error_hook(rawhook, local, logged):
+    with MilterClient(rawhook.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        assert c.mail(f"<{local}@example.org>").action == "tempfail"
+        assert _message(c).action == "continue"
+    assert logged in rawhook.stderr()
+    assert rawhook.proc.poll() is None
