@@ -118,8 +118,12 @@ _MACRO_STAGES = {
     "envrcpt": SMFIM_ENVRCPT, "data": SMFIM_DATA, "eoh": SMFIM_EOH, "eom": SMFIM_EOM,
 }
 
-_REPLY_LINE_MAX = 400  # SMTP allows 512 octets per reply line, code included
+# Bytes per reply line as libmilter gets it (UTF-8, "%" doubled): libmilter takes
+# up to MAXREPLYLEN (980), SMTP 512 octets per line with the code and CRLF.
+_REPLY_LINE_MAX = 400
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Surrogates that surrogateescape cannot encode (it only maps U+DC80..U+DCFF).
+_UNENCODABLE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
 def noreply(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -163,6 +167,12 @@ class Milter:
     _ctx: Context
     _protocol_cache: ClassVar[dict[type, int]] = {}
     _filter_cache: ClassVar[dict[type, bytes]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the class attributes when the class is defined, not per connection."""
+        super().__init_subclass__(**kwargs)
+        if cls.header_names is not None:
+            _header_filter_blob(cls.__qualname__, cls.header_names)
 
     # -- callbacks (override what you need) ----------------------------------
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -254,8 +264,7 @@ class Milter:
     def _header_filter(cls) -> bytes:
         blob = Milter._filter_cache.get(cls)
         if blob is None:
-            names = sorted({n.lower() for n in cls.header_names or ()})
-            blob = b"".join(n.encode("ascii") + b"\0" for n in names) + b"\0"
+            blob = _header_filter_blob(cls.__qualname__, cls.header_names or ())
             Milter._filter_cache[cls] = blob
         return blob
 
@@ -307,6 +316,50 @@ class Milter:
         self._ctx.progress()
 
 
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 field-name: ftext
+
+
+def _header_filter_blob(owner: str, names: Any) -> bytes:
+    """header_names as the C filter wants them: b"name\\0name\\0\\0", lower case.
+
+    Raises TypeError/ValueError naming the class and the offending name.
+    """
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"{owner}.header_names must be a set of header names, "
+                        f"not {type(names).__name__}")
+    lowered = set()
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{owner}.header_names: {name!r} is not a str")
+        if not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"{owner}.header_names: {name!r} is not a header field name "
+                             "(one or more printable ASCII characters except ':')")
+        lowered.add(name.lower())
+    return b"".join(n.encode("ascii") + b"\0" for n in sorted(lowered)) + b"\0"
+
+
+def _wire_len(ch: str) -> int:
+    """Bytes of one character in a reply line: UTF-8 (surrogateescape), '%' doubled."""
+    code = ord(ch)
+    if code < 0x80:
+        return 2 if ch == "%" else 1
+    if 0xDC80 <= code <= 0xDCFF:
+        return 1
+    return 2 if code < 0x800 else 3 if code < 0x10000 else 4
+
+
+def _fitting(part: str) -> int:
+    """How many leading characters of part fit in _REPLY_LINE_MAX bytes."""
+    if len(part) * 4 <= _REPLY_LINE_MAX:
+        return len(part)
+    size = 0
+    for i, ch in enumerate(part):
+        size += _wire_len(ch)
+        if size > _REPLY_LINE_MAX:
+            return i
+    return len(part)
+
+
 def reply_lines(texts: tuple[str | None, ...] | list[str | None]) -> list[str]:
     """Make reply text safe for libmilter: no CR/LF or controls, `%` doubled, short lines."""
     out: list[str] = []
@@ -314,10 +367,10 @@ def reply_lines(texts: tuple[str | None, ...] | list[str | None]) -> list[str]:
         if text is None:
             continue
         for part in re.split(r"\r\n|\r|\n", str(text)):
-            part = _CONTROL.sub(" ", part).replace("\t", " ")
-            while len(part) > _REPLY_LINE_MAX:
-                cut = part.rfind(" ", 0, _REPLY_LINE_MAX)
-                cut = cut if cut > _REPLY_LINE_MAX // 2 else _REPLY_LINE_MAX
+            part = _UNENCODABLE.sub("?", _CONTROL.sub(" ", part).replace("\t", " "))
+            while (limit := _fitting(part)) < len(part):
+                cut = part.rfind(" ", 0, limit)
+                cut = cut if cut > limit // 2 else limit
                 out.append(part[:cut])
                 part = part[cut:].lstrip(" ")
             out.append(part)

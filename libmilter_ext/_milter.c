@@ -512,8 +512,22 @@ Context_set_header_filter(ContextObject *self, PyObject *names)
     PyObject *blob = NULL;
 
     if (names != Py_None) {
+        const char *p, *end;
+
         if (!PyBytes_Check(names)) {
             PyErr_SetString(PyExc_TypeError, "set_header_filter: bytes or None");
+            return NULL;
+        }
+        /* Non-empty names, each NUL-terminated, then one more NUL: header_wanted
+         * walks it without a length. */
+        p = end = PyBytes_AS_STRING(names);
+        if (PyBytes_GET_SIZE(names) > 0)
+            end += PyBytes_GET_SIZE(names) - 1;
+        while (p < end && *p != '\0')
+            p += strlen(p) + 1;
+        if (PyBytes_GET_SIZE(names) == 0 || p != end || *end != '\0') {
+            PyErr_SetString(PyExc_ValueError,
+                            "set_header_filter: want b'name\\0name\\0\\0' (non-empty names)");
             return NULL;
         }
         blob = names;

@@ -5,10 +5,14 @@ The milters are tests/milters/edges.py in its three modes; see its docstring.
 
 from __future__ import annotations
 
+import os
+import re
 import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from libmilter_ext import protocol as P
 from libmilter_ext.testing import MilterClient
@@ -216,3 +220,94 @@ def test_c_layer_survives_a_broken_error_hook(rawhook, local, logged):
         assert _message(c).action == "continue"
     assert logged in rawhook.stderr()
     assert rawhook.proc.poll() is None
+
+
+# -- 4. the header_names filter ---------------------------------------------
+
+def test_filtered_headers_never_reach_python_while_a_verdict_is_pending(noreply):
+    with MilterClient(noreply.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        resp = _message(c, headers=[("Subject", "reject"), ("X-Other", "o-pending"),
+                                    ("X-Wanted", "w-pending")])
+    assert resp.action == "reject"
+    out = noreply.stdout()
+    assert "header Subject: reject" in out
+    assert "o-pending" not in out and "w-pending" not in out
+
+
+@pytest.mark.parametrize("names,error", [
+    (frozenset({""}), "M.header_names: '' is not a header field name"),
+    (frozenset({"X-Pr\u00fcfung"}), "M.header_names: 'X-Pr\u00fcfung' is not a header field"),
+    (frozenset({"Subject:"}), "'Subject:' is not a header field name"),
+    ("Subject", "M.header_names must be a set of header names, not str"),
+    (frozenset({b"Subject"}), "M.header_names: b'Subject' is not a str"),
+])
+def test_bad_header_names_are_refused_when_the_class_is_defined(names, error):
+    import libmilter_ext as lm
+
+    with pytest.raises((TypeError, ValueError)) as info:
+        class M(lm.Milter):
+            header_names = names
+    assert error in str(info.value)
+
+
+def test_c_layer_checks_the_filter_terminator(shortdir):
+    with _edges(shortdir, "badfilter") as d:
+        with MilterClient(d.spec) as c:
+            assert c.connect("ok.example", "192.0.2.1", 25).action == "tempfail"
+    assert "set_header_filter: want b'name\\0name\\0\\0'" in d.stderr()
+
+
+# -- 5. reply lines limited in bytes -----------------------------------------
+
+def test_reply_lines_are_cut_by_bytes_not_characters(replying):
+    with MilterClient(replying.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25).continues
+        resp = c.mail("<euro@example.org>")
+    assert (resp.action, resp.code, resp.xcode) == ("replycode", 550, "5.7.1")
+    assert "".join(resp.lines[:-1]) == "\u20ac" * 400
+    assert resp.lines[-1] == "100%% sure"
+    assert all(len(line.encode()) <= 400 for line in resp.lines)
+
+
+# -- 6. _negotiate answering any sequence of two ints -----------------------
+
+def test_negotiate_may_answer_a_list(shortdir):
+    with _edges(shortdir, "listneg") as d:
+        with MilterClient(d.spec) as c:
+            assert c.protocol & P.SMFIP_NOUNKNOWN
+            assert c.connect("ok.example", "192.0.2.1", 25).continues
+            assert _added(_message(c))["X-Chunks"] == "1"
+
+
+def test_negotiate_answering_nonsense_is_a_clear_type_error(shortdir):
+    with _edges(shortdir, "shortneg") as d:
+        with MilterClient(d.spec) as c:
+            assert c.connect("ok.example", "192.0.2.1", 25).action == "tempfail"
+    err = d.stderr()
+    assert "TypeError: _negotiate() must return two unsigned ints (actions, protocol)" in err
+    assert "SystemError" not in err
+
+
+_EXAMPLES = int(os.environ.get("LIBMILTER_EXT_EXAMPLES", "200"))
+
+
+@settings(max_examples=_EXAMPLES, derandomize=True, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(max_size=1500)), max_size=6))
+def test_reply_lines_property(texts):
+    """Every line fits libmilter and SMTP in bytes; no text is lost but blanks at cuts."""
+    import libmilter_ext as lm
+
+    lines = lm.reply_lines(texts)
+    assert len(lines) <= 32
+    for line in lines:
+        raw = line.encode("utf-8", "surrogateescape")
+        assert len(raw) <= 400
+        assert not set(raw) & (set(range(0x20)) - {0x09}) and b"\x7f" not in raw
+        assert "%" not in line.replace("%%", "")
+    if len(lines) < 32:
+        kept = "".join(line.replace("%%", "%") for line in lines)
+        given_text = "".join(t for t in texts if t is not None)
+        squash = str.maketrans("", "", " \t\r\n" + "".join(map(chr, range(0x20))) + "\x7f")
+        cleaned = re.sub("[\ud800-\udc7f\udd00-\udfff]", "?", given_text)
+        assert kept.translate(squash) == cleaned.translate(squash)

@@ -9,7 +9,11 @@ Usage: edges.py SOCKET_SPEC MODE, MODE one of
   replying  every stage replies; body() answers SKIP for a chunk starting with
             b"skip"; MAIL FROM <skip@...> answers SKIP from envfrom();
             <exit@...> raises and on_exception raises SystemExit;
-            <hook99@...> raises and on_exception returns 99.
+            <hook99@...> raises and on_exception returns 99; <euro@...>
+            rejects with a reply line of 400 euro signs.
+  listneg   like replying, _negotiate() answers a list
+  shortneg  like replying, _negotiate() answers a list of one int
+  badfilter like replying, the header filter bytes lack their terminator
   rawhook   like replying, but registered with the C module's own error hook
             directly: <exit@...> makes the hook raise SystemExit, <hook99@...>
             makes it return 99.
@@ -59,6 +63,9 @@ class Replying(lm.Milter):
             return lm.SKIP
         if self.local in ("exit", "hook99"):
             raise RuntimeError(f"envfrom raised for {self.local}")
+        if self.local == "euro":
+            self.setreply("550", "5.7.1", "\u20ac" * 400, "100% sure")
+            return lm.REJECT
         return _verdict(self.local)
 
     def envrcpt(self, recipient, *params):
@@ -68,6 +75,7 @@ class Replying(lm.Milter):
         return lm.CONTINUE
 
     def header(self, name, value):
+        print(f"header {name}: {value}", flush=True)
         self.headers.append(name)
         return _verdict(value)
 
@@ -117,6 +125,30 @@ class NoReply(Replying):
         return super().body(chunk)
 
 
+class ListNegotiation(Replying):
+    """_negotiate answers a list, as a subclass may well do."""
+
+    def _negotiate(self, offered_actions, offered_protocol):
+        return list(super()._negotiate(offered_actions, offered_protocol))
+
+
+class ShortNegotiation(Replying):
+    def _negotiate(self, offered_actions, offered_protocol):
+        return [super()._negotiate(offered_actions, offered_protocol)[0]]
+
+
+class BadFilter(Replying):
+    """Hands the C layer a header filter without its terminator."""
+
+    @classmethod
+    def _header_filter(cls):
+        return b"subject"
+
+
+MODES = {"noreply": NoReply, "replying": Replying, "listneg": ListNegotiation,
+         "shortneg": ShortNegotiation, "badfilter": BadFilter}
+
+
 def raw_hook(handler, stage, exc):
     """An error hook given straight to the C module: misbehaves on request."""
     local = getattr(handler, "local", "")
@@ -140,7 +172,7 @@ def main() -> None:
         lm.open_socket(spec)
         lm.main()
     else:
-        lm.run(NoReply if mode == "noreply" else Replying, spec, "edges", timeout=30)
+        lm.run(MODES[mode], spec, "edges", timeout=30)
     print("stopped", flush=True)
 
 
