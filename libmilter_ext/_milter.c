@@ -111,28 +111,34 @@ static pthread_key_t keep_key;
 #define py_finalizing() _Py_IsFinalizing()
 #endif
 
+/*
+ * Shutdown: once smfi_main has returned, the interpreter is about to finalize
+ * while libmilter's threads may still deliver a callback (a connection closing,
+ * say) or end (running drop_kept_state).  shutdown() closes the gate and waits
+ * for those already inside; later ones answer, or end, without touching Python.
+ */
+static atomic_int closing;
+static atomic_int inflight;
+
 /* Thread exit: delete the kept state.  glibc has already cleared Python's own
- * thread-local pointer by now, so the state comes from our key's value. */
+ * thread-local pointer by now, so the state comes from our key's value.  Once
+ * the gate is closed the state is leaked: the interpreter may be finalizing,
+ * and taking the GIL then can hang or kill this thread (or assert). */
 static void
 drop_kept_state(void *state)
 {
     PyThreadState *ts = state;
 
-    if (ts == NULL || !Py_IsInitialized() || py_finalizing())
+    if (ts == NULL)
         return;
-    PyEval_RestoreThread(ts);
-    PyThreadState_Clear(ts);
-    PyThreadState_DeleteCurrent();
+    atomic_fetch_add(&inflight, 1);
+    if (!atomic_load(&closing) && Py_IsInitialized() && !py_finalizing()) {
+        PyEval_RestoreThread(ts);
+        PyThreadState_Clear(ts);
+        PyThreadState_DeleteCurrent();
+    }
+    atomic_fetch_sub(&inflight, 1);
 }
-
-/*
- * Shutdown: once smfi_main has returned, the interpreter is about to finalize
- * while libmilter's threads may still deliver a callback (a connection closing,
- * say).  shutdown() closes the gate and waits for callbacks already inside;
- * later ones answer without touching Python.
- */
-static atomic_int closing;
-static atomic_int inflight;
 
 /* Take the GIL for a callback; 0 (and no GIL) once the module is shutting down. */
 static int
@@ -1445,12 +1451,6 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef milter_module = {
-    PyModuleDef_HEAD_INIT, "libmilter_ext._milter",
-    "Thin binding of Sendmail's libmilter; use the libmilter_ext package.", -1,
-    module_methods, NULL, NULL, NULL, NULL,
-};
-
 static const struct {
     const char *name;
     long value;
@@ -1472,52 +1472,100 @@ static const struct {
 #undef C
 };
 
-PyMODINIT_FUNC
-PyInit__milter(void)
+/* Process-wide objects, made on the first import (libmilter is one per process). */
+static int
+init_process_state(void)
 {
-    PyObject *m;
     size_t i;
 
+    if (S.parked != NULL)
+        return 0;
     if (PyType_Ready(&Context_Type) < 0)
-        return NULL;
+        return -1;
     if (pthread_key_create(&keep_key, drop_kept_state) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_key_create failed");
-        return NULL;
+        return -1;
     }
-    if ((m = PyModule_Create(&milter_module)) == NULL)
-        return NULL;
-    for (i = 0; i < sizeof constants / sizeof constants[0]; i++)
-        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
-            goto fail;
     for (i = 1; i < ST_COUNT; i++)
         if ((S.method_names[i] = PyUnicode_InternFromString(stage_names[i])) == NULL)
-            goto fail;
+            return -1;
     if ((S.negotiate_name = PyUnicode_InternFromString("_negotiate")) == NULL)
-        goto fail;
-    if (S.parked == NULL && (S.parked = PyDict_New()) == NULL)
-        goto fail;
+        return -1;
     S.error = PyErr_NewExceptionWithDoc("libmilter_ext._milter.MilterError",
                                         "A libmilter call failed.", NULL, NULL);
     if (S.error == NULL)
-        goto fail;
-    Py_INCREF(S.error);
-    if (PyModule_AddObject(m, "MilterError", S.error) < 0)
-        goto fail;
+        return -1;
     S.stage_error = PyErr_NewExceptionWithDoc(
         "libmilter_ext._milter.StageError",
         "An action was used where libmilter does not allow it.", S.error, NULL);
     if (S.stage_error == NULL)
-        goto fail;
-    Py_INCREF(S.stage_error);
-    if (PyModule_AddObject(m, "StageError", S.stage_error) < 0)
-        goto fail;
-    Py_INCREF(&Context_Type);
-    if (PyModule_AddObject(m, "Context", (PyObject *)&Context_Type) < 0) {
-        Py_DECREF(&Context_Type);
-        goto fail;
+        return -1;
+    return (S.parked = PyDict_New()) == NULL ? -1 : 0;
+}
+
+static int
+add_ref(PyObject *m, const char *name, PyObject *obj)
+{
+    Py_INCREF(obj);
+    if (PyModule_AddObject(m, name, obj) < 0) {
+        Py_DECREF(obj);
+        return -1;
     }
-    return m;
-fail:
-    Py_DECREF(m);
-    return NULL;
+    return 0;
+}
+
+static int
+milter_exec(PyObject *m)
+{
+    PyObject *atexit, *shutdown, *res;
+    size_t i;
+
+    /* libmilter calls back into one interpreter: the main one, whose factory
+     * and handlers these are.  (3.12+ also refuses through the slot below.) */
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "libmilter_ext._milter cannot be imported in a sub-interpreter: "
+                        "libmilter is one per process and calls the main interpreter");
+        return -1;
+    }
+    if (init_process_state() < 0)
+        return -1;
+    for (i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
+            return -1;
+    if (add_ref(m, "MilterError", S.error) < 0 || add_ref(m, "StageError", S.stage_error) < 0
+        || add_ref(m, "Context", (PyObject *)&Context_Type) < 0)
+        return -1;
+    /* Close the gate before finalization even when main() never gets to. */
+    if ((atexit = PyImport_ImportModule("atexit")) == NULL)
+        return -1;
+    shutdown = PyObject_GetAttrString(m, "shutdown");
+    res = shutdown ? PyObject_CallMethod(atexit, "register", "Od", shutdown, 1.0) : NULL;
+    Py_XDECREF(shutdown);
+    Py_DECREF(atexit);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+static PyModuleDef_Slot milter_slots[] = {
+    {Py_mod_exec, milter_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef milter_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "libmilter_ext._milter",
+    .m_doc = "Thin binding of Sendmail's libmilter; use the libmilter_ext package.",
+    .m_size = 0,
+    .m_methods = module_methods,
+    .m_slots = milter_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__milter(void)
+{
+    return PyModuleDef_Init(&milter_module);
 }

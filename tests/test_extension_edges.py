@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libmilter_ext import protocol as P
-from libmilter_ext.testing import MilterClient
-from tests.procs import PYTHON, Daemon
+from libmilter_ext.testing import MilterClient, MilterError
+from tests.procs import PYTHON, ROOT, Daemon
 
 MILTERS = Path(__file__).parent / "milters"
 RCPTS = ("<r1@example.org>", "<r2@example.org>", "<r3@example.org>")
@@ -311,3 +315,93 @@ def test_reply_lines_property(texts):
         squash = str.maketrans("", "", " \t\r\n" + "".join(map(chr, range(0x20))) + "\x7f")
         cleaned = re.sub("[\ud800-\udc7f\udd00-\udfff]", "?", given_text)
         assert kept.translate(squash) == cleaned.translate(squash)
+
+
+# -- 8. workers leaving while the interpreter finalizes ---------------------
+
+_SIGTERM_ROUNDS = int(os.environ.get("LIBMILTER_EXT_SIGTERM_ROUNDS", "4"))
+
+
+def _sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def _slow_session(spec: str, answered: list[str]) -> None:
+    try:
+        with MilterClient(spec, timeout=30) as c:
+            c.connect("h", "192.0.2.1", 1)
+            answered.append(c.mail("<slow@example.org>").action)
+    except MilterError as exc:  # the milter went away: also an answer
+        answered.append(f"closed: {exc}")
+
+
+def _wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_sigterm_with_slow_connections_in_flight_stops_cleanly(shortdir):
+    """12 connections inside a slow callback, then SIGTERM: a clean exit, every time."""
+    for round_ in range(_SIGTERM_ROUNDS):
+        work = shortdir / f"term{round_}"
+        work.mkdir()
+        spec = f"unix:{shortdir}/term{round_}.sock"
+        d = Daemon([PYTHON, str(MILTERS / "kitchen.py"), spec], spec, work).start()
+        answered: list[str] = []
+        threads = [threading.Thread(target=_slow_session, args=(spec, answered))
+                   for _ in range(12)]
+        for t in threads:
+            t.start()
+        try:
+            pid = d.proc.pid
+            _wait_for(lambda: _sockets(pid) >= 13)  # noqa: B023  (the listener and 12 clients)
+        finally:
+            code = d.stop(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        err = d.stderr()
+        assert code == 0, f"round {round_}: exit {code}\n{err}"
+        assert "Fatal Python error" not in err and "Exception ignored" not in err, err
+        assert "stopped" in d.stdout()
+        assert len(answered) == 12
+
+
+# -- 9. sub-interpreters are refused -----------------------------------------
+
+_SUBINTERP = """
+import sys, _testcapi
+if sys.argv[1] == "main-first":
+    import libmilter_ext._milter
+code = '''
+try:
+    import libmilter_ext._milter
+except ImportError as exc:
+    print("REFUSED", exc, flush=True)
+else:
+    print("IMPORTED", flush=True)
+'''
+_testcapi.run_in_subinterp(code)
+import libmilter_ext
+print("MAIN", libmilter_ext.version()[0] >= 1, flush=True)
+"""
+
+
+@pytest.mark.parametrize("order", ["sub-first", "main-first"])
+def test_import_in_a_sub_interpreter_is_refused(order):
+    out = subprocess.run([PYTHON, "-c", _SUBINTERP, order], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("REFUSED "), out.stdout + out.stderr
+    assert "sub-interpreter" in lines[0] or "subinterpreters" in lines[0]
+    assert lines[1] == "MAIN True"
