@@ -4,7 +4,10 @@
  * The C layer only translates: libmilter callbacks become method calls on the
  * Python handler object of the SMTP connection, and libmilter actions become
  * methods of a Context object.  Policy (what to negotiate, what to answer on an
- * exception) lives in the Python layer, libmilter_ext/__init__.py.
+ * exception) lives in the Python layer, libmilter_ext/__init__.py.  Every
+ * stage callback is a small function that packs libmilter's arguments and
+ * hands them to dispatch(), which runs the stage: GIL, carried verdict,
+ * handler method, verdict and no-reply rules.
  *
  * Threading: Debian's libmilter runs one connection's callbacks on whichever
  * worker thread is free, so every callback takes the GIL with PyGILState_Ensure
@@ -221,11 +224,26 @@ check_result(int rc, const char *call)
     Py_RETURN_NONE;
 }
 
-/* The context may act now: inside a callback of the given stage (mask) with the
- * given action flag negotiated.  stages is a bitmask of (1 << stage). */
+static const char *
+action_flag_name(unsigned long flag)
+{
+    switch (flag) {
+    case SMFIF_ADDHDRS: return "SMFIF_ADDHDRS";
+    case SMFIF_CHGBODY: return "SMFIF_CHGBODY";
+    case SMFIF_ADDRCPT: return "SMFIF_ADDRCPT";
+    case SMFIF_DELRCPT: return "SMFIF_DELRCPT";
+    case SMFIF_CHGHDRS: return "SMFIF_CHGHDRS";
+    case SMFIF_QUARANTINE: return "SMFIF_QUARANTINE";
+    case SMFIF_CHGFROM: return "SMFIF_CHGFROM";
+    case SMFIF_ADDRCPT_PAR: return "SMFIF_ADDRCPT_PAR";
+    default: return "an action";
+    }
+}
+
+/* The context may act now: inside a callback of the given stages (a mask of
+ * 1 << stage, 0: any) with the given SMFIF_* action (0: none) negotiated. */
 static int
-usable(ContextObject *self, const char *action, unsigned int stages,
-       unsigned long flag, const char *flagname)
+usable(ContextObject *self, const char *action, unsigned int stages, unsigned long flag)
 {
     if (self->ctx == NULL) {
         PyErr_Format(S.stage_error, "%s: the connection is closed", action);
@@ -245,7 +263,7 @@ usable(ContextObject *self, const char *action, unsigned int stages,
     }
     if (flag != 0 && (self->actions & flag) == 0) {
         PyErr_Format(S.stage_error, "%s needs the %s action, which was not negotiated",
-                     action, flagname);
+                     action, action_flag_name(flag));
         return 0;
     }
     return 1;
@@ -262,7 +280,7 @@ Context_getsymval(ContextObject *self, PyObject *arg)
     PyObject *b, *res;
     char *v;
 
-    if (!usable(self, "getsymval", ANY_STAGE, 0, NULL))
+    if (!usable(self, "getsymval", ANY_STAGE, 0))
         return NULL;
     if ((b = encode(arg, "macro name")) == NULL)
         return NULL;
@@ -281,7 +299,7 @@ Context_setsymlist(ContextObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "iO:setsymlist", &where, &macros))
         return NULL;
-    if (!usable(self, "setsymlist", 1u << ST_NEGOTIATE, 0, NULL))
+    if (!usable(self, "setsymlist", 1u << ST_NEGOTIATE, 0))
         return NULL;
     if ((b = encode(macros, "macro list")) == NULL)
         return NULL;
@@ -310,7 +328,7 @@ Context_setreply(ContextObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "setreply: at most 32 lines");
         return NULL;
     }
-    if (!usable(self, "setreply", ANY_STAGE, 0, NULL))
+    if (!usable(self, "setreply", ANY_STAGE, 0))
         return NULL;
     if ((rcode = encode(PyTuple_GET_ITEM(args, 0), "rcode")) == NULL)
         goto done;
@@ -348,7 +366,7 @@ Context_addheader(ContextObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "OO|i:addheader", &name, &value, &idx))
         return NULL;
-    if (!usable(self, "addheader", EOM_ONLY, SMFIF_ADDHDRS, "SMFIF_ADDHDRS"))
+    if (!usable(self, "addheader", EOM_ONLY, SMFIF_ADDHDRS))
         return NULL;
     if ((bn = encode(name, "header name")) == NULL)
         return NULL;
@@ -375,7 +393,7 @@ Context_chgheader(ContextObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "Oi|O:chgheader", &name, &idx, &value))
         return NULL;
-    if (!usable(self, "chgheader", EOM_ONLY, SMFIF_CHGHDRS, "SMFIF_CHGHDRS"))
+    if (!usable(self, "chgheader", EOM_ONLY, SMFIF_CHGHDRS))
         return NULL;
     if ((bn = encode(name, "header name")) == NULL)
         return NULL;
@@ -392,22 +410,15 @@ Context_chgheader(ContextObject *self, PyObject *args)
     return check_result(rc, "smfi_chgheader");
 }
 
-/* Shared shape of addrcpt/chgfrom: an address and optional ESMTP args. */
 static PyObject *
-address_action(ContextObject *self, PyObject *args, int which)
+Context_addrcpt(ContextObject *self, PyObject *args)
 {
     PyObject *addr, *esmtp = Py_None, *ba, *be;
     int rc;
-    const char *name = which == 0 ? "addrcpt" : "chgfrom";
-    unsigned long flag = which == 0 ? SMFIF_ADDRCPT : SMFIF_CHGFROM;
 
-    if (!PyArg_ParseTuple(args, "O|O", &addr, &esmtp))
+    if (!PyArg_ParseTuple(args, "O|O:addrcpt", &addr, &esmtp))
         return NULL;
-    if (which == 0 && esmtp != Py_None)
-        flag = SMFIF_ADDRCPT_PAR;
-    if (!usable(self, name, EOM_ONLY, flag,
-                which == 1 ? "SMFIF_CHGFROM"
-                : flag == SMFIF_ADDRCPT ? "SMFIF_ADDRCPT" : "SMFIF_ADDRCPT_PAR"))
+    if (!usable(self, "addrcpt", EOM_ONLY, esmtp == Py_None ? SMFIF_ADDRCPT : SMFIF_ADDRCPT_PAR))
         return NULL;
     if ((ba = encode(addr, "address")) == NULL)
         return NULL;
@@ -416,56 +427,55 @@ address_action(ContextObject *self, PyObject *args, int which)
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    if (which == 1)
-        rc = smfi_chgfrom(self->ctx, PyBytes_AS_STRING(ba), be ? PyBytes_AS_STRING(be) : NULL);
-    else if (be != NULL)
+    if (be != NULL)
         rc = smfi_addrcpt_par(self->ctx, PyBytes_AS_STRING(ba), PyBytes_AS_STRING(be));
     else
         rc = smfi_addrcpt(self->ctx, PyBytes_AS_STRING(ba));
     Py_END_ALLOW_THREADS
     Py_DECREF(ba);
     Py_XDECREF(be);
-    return check_result(rc, which == 1 ? "smfi_chgfrom"
-                            : be ? "smfi_addrcpt_par" : "smfi_addrcpt");
-}
-
-static PyObject *
-Context_addrcpt(ContextObject *self, PyObject *args)
-{
-    return address_action(self, args, 0);
+    return check_result(rc, be != NULL ? "smfi_addrcpt_par" : "smfi_addrcpt");
 }
 
 static PyObject *
 Context_chgfrom(ContextObject *self, PyObject *args)
 {
-    return address_action(self, args, 1);
-}
-
-/* The end-of-message actions that take one string: smfi_delrcpt, smfi_quarantine. */
-static PyObject *
-string_action(ContextObject *self, PyObject *arg, const char *action, unsigned long flag,
-              const char *flagname, const char *what, int (*call)(SMFICTX *, char *),
-              const char *callname)
-{
-    PyObject *b;
+    PyObject *addr, *esmtp = Py_None, *ba, *be;
     int rc;
 
-    if (!usable(self, action, EOM_ONLY, flag, flagname))
+    if (!PyArg_ParseTuple(args, "O|O:chgfrom", &addr, &esmtp))
         return NULL;
-    if ((b = encode(arg, what)) == NULL)
+    if (!usable(self, "chgfrom", EOM_ONLY, SMFIF_CHGFROM))
         return NULL;
+    if ((ba = encode(addr, "address")) == NULL)
+        return NULL;
+    if (encode_opt(esmtp, "ESMTP arguments", &be) < 0) {
+        Py_DECREF(ba);
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    rc = call(self->ctx, PyBytes_AS_STRING(b));
+    rc = smfi_chgfrom(self->ctx, PyBytes_AS_STRING(ba), be ? PyBytes_AS_STRING(be) : NULL);
     Py_END_ALLOW_THREADS
-    Py_DECREF(b);
-    return check_result(rc, callname);
+    Py_DECREF(ba);
+    Py_XDECREF(be);
+    return check_result(rc, "smfi_chgfrom");
 }
 
 static PyObject *
 Context_delrcpt(ContextObject *self, PyObject *arg)
 {
-    return string_action(self, arg, "delrcpt", SMFIF_DELRCPT, "SMFIF_DELRCPT", "address",
-                         smfi_delrcpt, "smfi_delrcpt");
+    PyObject *b;
+    int rc;
+
+    if (!usable(self, "delrcpt", EOM_ONLY, SMFIF_DELRCPT))
+        return NULL;
+    if ((b = encode(arg, "address")) == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_delrcpt(self->ctx, PyBytes_AS_STRING(b));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(b);
+    return check_result(rc, "smfi_delrcpt");
 }
 
 static PyObject *
@@ -474,7 +484,7 @@ Context_replacebody(ContextObject *self, PyObject *arg)
     Py_buffer buf;
     int rc;
 
-    if (!usable(self, "replacebody", EOM_ONLY, SMFIF_CHGBODY, "SMFIF_CHGBODY"))
+    if (!usable(self, "replacebody", EOM_ONLY, SMFIF_CHGBODY))
         return NULL;
     if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -493,8 +503,18 @@ Context_replacebody(ContextObject *self, PyObject *arg)
 static PyObject *
 Context_quarantine(ContextObject *self, PyObject *arg)
 {
-    return string_action(self, arg, "quarantine", SMFIF_QUARANTINE, "SMFIF_QUARANTINE",
-                         "reason", smfi_quarantine, "smfi_quarantine");
+    PyObject *b;
+    int rc;
+
+    if (!usable(self, "quarantine", EOM_ONLY, SMFIF_QUARANTINE))
+        return NULL;
+    if ((b = encode(arg, "reason")) == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_quarantine(self->ctx, PyBytes_AS_STRING(b));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(b);
+    return check_result(rc, "smfi_quarantine");
 }
 
 static PyObject *
@@ -502,7 +522,7 @@ Context_progress(ContextObject *self, PyObject *Py_UNUSED(ignored))
 {
     int rc;
 
-    if (!usable(self, "progress", EOM_ONLY, 0, NULL))
+    if (!usable(self, "progress", EOM_ONLY, 0))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_progress(self->ctx);
@@ -913,23 +933,6 @@ begin(SMFICTX *ctx, int stage, sfsistat *early)
     c->stage = stage;
     return c;
 }
-#define CALLBACK_PROLOGUE(stage)                        \
-    PyGILState_STATE gs;                                \
-    sfsistat early = SMFIS_CONTINUE, r;                 \
-    ContextObject *c;                                   \
-    if (!gil_enter(&gs))                                \
-        return SMFIS_TEMPFAIL;                          \
-    c = begin(ctx, stage, &early);                      \
-    PyObject *res;                                      \
-    if (c == NULL) {                                    \
-        gil_leave(gs);                         \
-        return early;                                   \
-    }
-
-#define CALLBACK_EPILOGUE(stage)                        \
-    r = finish(c, stage, as_verdict(c, stage, res));    \
-    gil_leave(gs);                             \
-    return r;
 
 /* handler.<stage>(*args) for a few arguments; the arguments stay borrowed. */
 static PyObject *
@@ -941,23 +944,26 @@ call_method(ContextObject *c, int stage, size_t nargs, PyObject *a0, PyObject *a
     return PyObject_VectorcallMethod(S.method_names[stage], stack, nargs + 1, NULL);
 }
 
-/* handler.<stage>(*args) with a tuple of arguments (stolen). */
-static PyObject *
-call_method_tuple(ContextObject *c, int stage, PyObject *args)
-{
-    PyObject *meth, *res;
+/*
+ * One stage callback: the GIL, the carried verdict, the handler method (made
+ * by call from the libmilter arguments in args), the verdict and the no-reply
+ * rules.  Every stage that calls Python goes through here.
+ */
+typedef PyObject *(*stage_call)(ContextObject *c, int stage, const void *args);
 
-    if (args == NULL)
-        return NULL;
-    meth = PyObject_GetAttr(c->handler, S.method_names[stage]);
-    if (meth == NULL) {
-        Py_DECREF(args);
-        return NULL;
-    }
-    res = PyObject_Call(meth, args, NULL);
-    Py_DECREF(meth);
-    Py_DECREF(args);
-    return res;
+static sfsistat
+dispatch(SMFICTX *ctx, int stage, stage_call call, const void *args)
+{
+    PyGILState_STATE gs;
+    ContextObject *c;
+    sfsistat r;
+
+    if (!gil_enter(&gs))
+        return SMFIS_TEMPFAIL;
+    if ((c = begin(ctx, stage, &r)) != NULL)
+        r = finish(c, stage, as_verdict(c, stage, call(c, stage, args)));
+    gil_leave(gs);
+    return r;
 }
 
 static PyObject *
@@ -995,28 +1001,33 @@ hostaddr_tuple(_SOCK_ADDR *sa, int *family)
     Py_RETURN_NONE;
 }
 
-static sfsistat
-cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
+struct connect_args {
+    const char *hostname;
+    _SOCK_ADDR *hostaddr;
+};
+
+/* connect(hostname, family, hostaddr) */
+static PyObject *
+call_connect(ContextObject *c, int stage, const void *args)
 {
-    CALLBACK_PROLOGUE(ST_CONNECT)
+    const struct connect_args *a = args;
     int family;
-    PyObject *addr = hostaddr_tuple(hostaddr, &family);
-    PyObject *host = decode(hostname, -1);
-
+    PyObject *addr = hostaddr_tuple(a->hostaddr, &family);
+    PyObject *host = decode(a->hostname, -1);
     PyObject *fam = PyLong_FromLong(family);
+    PyObject *res = addr && host && fam ? call_method(c, stage, 3, host, fam, addr) : NULL;
 
-    res = (addr && host && fam) ? call_method(c, ST_CONNECT, 3, host, fam, addr) : NULL;
     Py_XDECREF(addr);
     Py_XDECREF(host);
     Py_XDECREF(fam);
-    CALLBACK_EPILOGUE(ST_CONNECT)
+    return res;
 }
 
-/* Call a method with one decoded string argument. */
+/* helo(name), unknown(command): one string */
 static PyObject *
-call_with_string(ContextObject *c, int stage, const char *s)
+call_string(ContextObject *c, int stage, const void *args)
 {
-    PyObject *arg = decode(s, -1), *res;
+    PyObject *arg = decode(args, -1), *res;
 
     if (arg == NULL)
         return NULL;
@@ -1025,19 +1036,13 @@ call_with_string(ContextObject *c, int stage, const char *s)
     return res;
 }
 
-static sfsistat
-cb_helo(SMFICTX *ctx, char *helohost)
-{
-    CALLBACK_PROLOGUE(ST_HELO)
-    res = call_with_string(c, ST_HELO, helohost);
-    CALLBACK_EPILOGUE(ST_HELO)
-}
-
+/* envfrom(address, *esmtp_args), envrcpt(...): a NULL-terminated argv */
 static PyObject *
-argv_tuple(char **argv)
+call_argv(ContextObject *c, int stage, const void *args)
 {
+    char *const *argv = args;
     Py_ssize_t n = 0, i;
-    PyObject *t;
+    PyObject *t, *meth, *res;
 
     while (argv != NULL && argv[n] != NULL)
         n++;
@@ -1051,34 +1056,93 @@ argv_tuple(char **argv)
         }
         PyTuple_SET_ITEM(t, i, s);
     }
-    return t;
+    if ((meth = PyObject_GetAttr(c->handler, S.method_names[stage])) == NULL) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    res = PyObject_Call(meth, t, NULL);
+    Py_DECREF(meth);
+    Py_DECREF(t);
+    return res;
+}
+
+struct header_args {
+    const char *name, *value;
+};
+
+/* header(name, value) */
+static PyObject *
+call_header(ContextObject *c, int stage, const void *args)
+{
+    const struct header_args *a = args;
+    PyObject *n = decode(a->name, -1), *v = decode(a->value, -1);
+    PyObject *res = n && v ? call_method(c, stage, 2, n, v, NULL) : NULL;
+
+    Py_XDECREF(n);
+    Py_XDECREF(v);
+    return res;
+}
+
+struct body_args {
+    const unsigned char *chunk;
+    size_t len;
+};
+
+/* body(chunk) */
+static PyObject *
+call_body(ContextObject *c, int stage, const void *args)
+{
+    const struct body_args *a = args;
+    PyObject *b = PyBytes_FromStringAndSize((const char *)a->chunk, (Py_ssize_t)a->len);
+    PyObject *res = b ? call_method(c, stage, 1, b, NULL, NULL) : NULL;
+
+    Py_XDECREF(b);
+    return res;
+}
+
+/* data(), eoh(), eom() */
+static PyObject *
+call_noargs(ContextObject *c, int stage, const void *Py_UNUSED(args))
+{
+    return call_method(c, stage, 0, NULL, NULL, NULL);
+}
+
+static sfsistat
+cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
+{
+    struct connect_args a = {hostname, hostaddr};
+
+    return dispatch(ctx, ST_CONNECT, call_connect, &a);
+}
+
+static sfsistat
+cb_helo(SMFICTX *ctx, char *helohost)
+{
+    return dispatch(ctx, ST_HELO, call_string, helohost);
 }
 
 static sfsistat
 cb_envfrom(SMFICTX *ctx, char **argv)
 {
-    CALLBACK_PROLOGUE(ST_ENVFROM)
-    res = call_method_tuple(c, ST_ENVFROM, argv_tuple(argv));
-    CALLBACK_EPILOGUE(ST_ENVFROM)
+    return dispatch(ctx, ST_ENVFROM, call_argv, argv);
 }
 
 static sfsistat
 cb_envrcpt(SMFICTX *ctx, char **argv)
 {
-    CALLBACK_PROLOGUE(ST_ENVRCPT)
-    res = call_method_tuple(c, ST_ENVRCPT, argv_tuple(argv));
-    CALLBACK_EPILOGUE(ST_ENVRCPT)
+    return dispatch(ctx, ST_ENVRCPT, call_argv, argv);
 }
 
 static sfsistat
-cb_header_py(SMFICTX *ctx, char *name, char *value)
+cb_data(SMFICTX *ctx)
 {
-    CALLBACK_PROLOGUE(ST_HEADER)
-    PyObject *n = decode(name, -1), *v = decode(value, -1);
-    res = (n && v) ? call_method(c, ST_HEADER, 2, n, v, NULL) : NULL;
-    Py_XDECREF(n);
-    Py_XDECREF(v);
-    CALLBACK_EPILOGUE(ST_HEADER)
+    return dispatch(ctx, ST_DATA, call_noargs, NULL);
+}
+
+static sfsistat
+cb_unknown(SMFICTX *ctx, const char *cmd)
+{
+    return dispatch(ctx, ST_UNKNOWN, call_string, cmd);
 }
 
 /* Is name (any case) in the filter list "a\0b\0\0"? */
@@ -1094,9 +1158,10 @@ header_wanted(const char *list, const char *name)
 static sfsistat
 cb_header(SMFICTX *ctx, char *name, char *value)
 {
-    /* Runs without the GIL: the context is only touched by this connection's
-     * callbacks, which libmilter never runs at the same time. */
+    /* The filter runs without the GIL: the context is only touched by this
+     * connection's callbacks, which libmilter never runs at the same time. */
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    struct header_args a = {name, value};
 
     if (c != NULL && c->header_filter != NULL && name != NULL) {
         int v = carried(c);
@@ -1106,60 +1171,55 @@ cb_header(SMFICTX *ctx, char *name, char *value)
         if (!header_wanted(PyBytes_AS_STRING(c->header_filter), name))
             return replies(c, ST_HEADER) ? SMFIS_CONTINUE : SMFIS_NOREPLY;
     }
-    return cb_header_py(ctx, name, value);
+    return dispatch(ctx, ST_HEADER, call_header, &a);
+}
+
+static sfsistat
+cb_eoh(SMFICTX *ctx)
+{
+    return dispatch(ctx, ST_EOH, call_noargs, NULL);
 }
 
 static sfsistat
 cb_body(SMFICTX *ctx, unsigned char *chunk, size_t len)
 {
-    CALLBACK_PROLOGUE(ST_BODY)
-    PyObject *b = PyBytes_FromStringAndSize((const char *)chunk, (Py_ssize_t)len);
-    res = b ? call_method(c, ST_BODY, 1, b, NULL, NULL) : NULL;
-    Py_XDECREF(b);
-    CALLBACK_EPILOGUE(ST_BODY)
+    struct body_args a = {chunk, len};
+
+    return dispatch(ctx, ST_BODY, call_body, &a);
 }
 
 static sfsistat
-cb_unknown(SMFICTX *ctx, const char *cmd)
+cb_eom(SMFICTX *ctx)
 {
-    CALLBACK_PROLOGUE(ST_UNKNOWN)
-    res = call_with_string(c, ST_UNKNOWN, cmd);
-    CALLBACK_EPILOGUE(ST_UNKNOWN)
+    return dispatch(ctx, ST_EOM, call_noargs, NULL);
 }
 
-#define SIMPLE_CALLBACK(fname, stage)                           \
-    static sfsistat fname(SMFICTX *ctx)                         \
-    {                                                           \
-        CALLBACK_PROLOGUE(stage)                                \
-        res = call_method(c, stage, 0, NULL, NULL, NULL);            \
-        CALLBACK_EPILOGUE(stage)                                \
-    }
+/* abort() and close() answer nothing: an exception is only reported. */
+static void
+call_quietly(ContextObject *c, int stage)
+{
+    PyObject *res;
 
-SIMPLE_CALLBACK(cb_eoh, ST_EOH)
-SIMPLE_CALLBACK(cb_eom, ST_EOM)
-SIMPLE_CALLBACK(cb_data, ST_DATA)
+    if (c->handler == NULL)
+        return;
+    c->stage = stage;
+    if ((res = call_method(c, stage, 0, NULL, NULL, NULL)) == NULL)
+        (void)failsafe(c, stage);
+    Py_XDECREF(res);
+    c->stage = ST_IDLE;
+}
 
 static sfsistat
 cb_abort(SMFICTX *ctx)
 {
     PyGILState_STATE gs;
     ContextObject *c;
-    PyObject *res;
 
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
-    c = (ContextObject *)smfi_getpriv(ctx);
-
-    if (c != NULL) {
+    if ((c = (ContextObject *)smfi_getpriv(ctx)) != NULL) {
         c->msg_verdict = NO_VERDICT; /* the transaction is over */
-        if (c->handler != NULL) {
-            c->stage = ST_ABORT;
-            res = call_method(c, ST_ABORT, 0, NULL, NULL, NULL);
-            if (res == NULL)
-                (void)failsafe(c, ST_ABORT);
-            Py_XDECREF(res);
-            c->stage = ST_IDLE;
-        }
+        call_quietly(c, ST_ABORT);
     }
     gil_leave(gs);
     return SMFIS_CONTINUE;
@@ -1170,21 +1230,11 @@ cb_close(SMFICTX *ctx)
 {
     PyGILState_STATE gs;
     ContextObject *c;
-    PyObject *res;
 
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
-    c = (ContextObject *)smfi_getpriv(ctx);
-
-    if (c != NULL) {
-        if (c->handler != NULL) {
-            c->stage = ST_CLOSE;
-            res = call_method(c, ST_CLOSE, 0, NULL, NULL, NULL);
-            if (res == NULL)
-                (void)failsafe(c, ST_CLOSE);
-            Py_XDECREF(res);
-        }
-        c->stage = ST_IDLE;
+    if ((c = (ContextObject *)smfi_getpriv(ctx)) != NULL) {
+        call_quietly(c, ST_CLOSE);
         c->ctx = NULL;
         (void)smfi_setpriv(ctx, NULL);
         Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
@@ -1221,6 +1271,9 @@ two_flags(PyObject *res, unsigned long *actions, unsigned long *protocol)
     return -1;
 }
 
+/* handler._negotiate(offered_actions, offered_protocol) -> (actions, protocol).
+ * If it fails, the fail-safe verdict answers every stage of every session on
+ * this milter connection and libmilter negotiates its defaults. */
 static sfsistat
 cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
              unsigned long f3, unsigned long *pf0, unsigned long *pf1, unsigned long *pf2,
@@ -1228,47 +1281,35 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
 {
     PyGILState_STATE gs;
     ContextObject *c;
-    PyObject *res = NULL;
-    unsigned long a = 0, p = 0;
+    PyObject *res = NULL, *meth;
     sfsistat r = SMFIS_ALL_OPTS;
 
     if (!gil_enter(&gs))
         return SMFIS_TEMPFAIL; /* shutting down: libmilter drops the connection */
     c = get_context(ctx, ST_NEGOTIATE);
-
-    if (c == NULL || c->handler == NULL) {
-        if (c != NULL) {
-            c->actions = f0;
-            c->protocol = 0;
-        }
+    if (c == NULL) {
+        gil_leave(gs);
+        return SMFIS_ALL_OPTS;
+    }
+    c->actions = f0;
+    c->protocol = 0;
+    if (c->handler == NULL) {
         gil_leave(gs);
         return SMFIS_ALL_OPTS;
     }
     c->stage = ST_NEGOTIATE;
-    {
-        PyObject *meth = PyObject_GetAttr(c->handler, S.negotiate_name);
-        if (meth != NULL) {
-            res = PyObject_CallFunction(meth, "kk", f0, f1);
-            Py_DECREF(meth);
-        }
+    if ((meth = PyObject_GetAttr(c->handler, S.negotiate_name)) != NULL) {
+        res = PyObject_CallFunction(meth, "kk", f0, f1);
+        Py_DECREF(meth);
     }
-    if (res != NULL && two_flags(res, &a, &p) == 0) {
-        *pf0 = a;
-        *pf1 = p;
-        *pf2 = 0;
-        *pf3 = 0;
-        c->actions = a;
-        c->protocol = p;
+    if (res != NULL && two_flags(res, pf0, pf1) == 0) {
+        *pf2 = *pf3 = 0;
+        c->actions = *pf0;
+        c->protocol = *pf1;
         r = SMFIS_CONTINUE;
-    } else {
+    } else
         c->neg_verdict = c->conn_verdict = failsafe(c, ST_NEGOTIATE);
-        c->actions = f0;
-        c->protocol = 0;
-    }
     Py_XDECREF(res);
-    (void)f1;
-    (void)f2;
-    (void)f3;
     c->stage = ST_IDLE;
     gil_leave(gs);
     return r;
@@ -1355,22 +1396,51 @@ mod_opensocket(PyObject *Py_UNUSED(m), PyObject *arg)
     return check_result(rc, "smfi_opensocket");
 }
 
-#define INT_SETTER(fname, call)                                         \
-    static PyObject *fname(PyObject *Py_UNUSED(m), PyObject *arg)       \
-    {                                                                   \
-        long v = PyLong_AsLong(arg);                                    \
-        if (v == -1 && PyErr_Occurred())                                \
-            return NULL;                                                \
-        if (v < 0 || v > INT_MAX) {                                     \
-            PyErr_SetString(PyExc_ValueError, #call ": out of range");  \
-            return NULL;                                                \
-        }                                                               \
-        return check_result(call((int)v), #call);                       \
-    }
+/* A non-negative int argument for the libmilter setter named call. */
+static int
+int_arg(PyObject *arg, const char *call, int *out)
+{
+    long v = PyLong_AsLong(arg);
 
-INT_SETTER(mod_settimeout, smfi_settimeout)
-INT_SETTER(mod_setbacklog, smfi_setbacklog)
-INT_SETTER(mod_setdbg, smfi_setdbg)
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: out of range", call);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static PyObject *
+mod_settimeout(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    int v;
+
+    if (int_arg(arg, "smfi_settimeout", &v) < 0)
+        return NULL;
+    return check_result(smfi_settimeout(v), "smfi_settimeout");
+}
+
+static PyObject *
+mod_setbacklog(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    int v;
+
+    if (int_arg(arg, "smfi_setbacklog", &v) < 0)
+        return NULL;
+    return check_result(smfi_setbacklog(v), "smfi_setbacklog");
+}
+
+static PyObject *
+mod_setdbg(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    int v;
+
+    if (int_arg(arg, "smfi_setdbg", &v) < 0)
+        return NULL;
+    return check_result(smfi_setdbg(v), "smfi_setdbg");
+}
 
 static PyObject *
 mod_setmaxdatasize(PyObject *Py_UNUSED(m), PyObject *arg)
