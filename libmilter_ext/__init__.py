@@ -153,7 +153,8 @@ class Milter:
       failsafe  verdict after an exception in a callback (default TEMPFAIL)
       macros    {stage: "macro names"} the MTA should send at that stage
       header_names  only these header fields (any case) reach header(); the
-                others are answered in C without taking the GIL (default: all)
+                others are answered in C without taking the GIL (default: all);
+                checked when the class is defined
       actions   SMFIF_* flags wanted (default: every action the MTA offers)
       protocol  extra SMFIP_* flags wanted (e.g. SMFIP_HDR_LEADSPC)
     """
