@@ -405,3 +405,61 @@ def test_import_in_a_sub_interpreter_is_refused(order):
     assert lines[0].startswith("REFUSED "), out.stdout + out.stderr
     assert "sub-interpreter" in lines[0] or "subinterpreters" in lines[0]
     assert lines[1] == "MAIN True"
+
+
+# -- a model of carried verdicts, checked against the real milter -----------
+
+_WORDS = ("ok", "reject", "tempfail", "raise", "accept")
+_ACTION = {"ok": "continue", "reject": "reject", "tempfail": "tempfail", "raise": "tempfail",
+           "accept": "accept"}
+
+
+def _first(*words: str) -> str:
+    return next((_ACTION[w] for w in words if w != "ok"), "continue")
+
+
+def _transaction(c: MilterClient, mail: str, subject: str) -> list[str]:
+    """One MAIL transaction; returns the replying stages' actions until one ends it."""
+    assert c.mail(f"<{mail}@example.org>").action == "noreply"
+    got = [c.rcpt("<r@example.org>").action]
+    if got[-1] == "continue":
+        got.append(c.data().action)
+        assert c.header("Subject", subject).action == "noreply"
+        got.append(c.eoh().action)
+        if got[-1] == "continue":
+            assert c.body(b"x\r\n").action == "noreply"
+            got.append(c.eom().action)
+    if got[-1] != "continue":
+        c.abort()
+    return got
+
+
+@settings(max_examples=int(os.environ.get("LIBMILTER_EXT_MODEL_EXAMPLES", "60")),
+          derandomize=True, deadline=None)
+@given(st.sampled_from(_WORDS), st.sampled_from(_WORDS), st.sampled_from(_WORDS),
+       st.sampled_from(_WORDS))
+def test_carried_verdicts_follow_the_model(noreply, host, helo, mail, subject):
+    """As if every no-reply stage had replied: its verdict, for its scope."""
+    session = _first(host, helo)
+    message = _first(mail)
+    with MilterClient(noreply.spec) as c:
+        assert c.connect(f"{host}.example", "192.0.2.1", 25).action == "noreply"
+        assert c.helo(f"{helo}.example").action == "noreply"
+        got = _transaction(c, mail, subject)
+        if session != "continue":
+            assert got == [session]
+        elif message != "continue":
+            assert got == [message]
+        else:
+            header = _first(subject)
+            assert got == ["continue", "continue", header] + (["continue"] * (header == "continue"))
+        # the next transaction: only a session verdict still holds
+        again = _transaction(c, "ok", "fine")
+        assert again == ([session] if session != "continue" else ["continue"] * 4)
+        if session == "accept":
+            # libmilter is back in its HELO state after an ACCEPT, where it
+            # ignores QUIT_NC (engine.c next_states): end the connection instead
+            return
+        c.quit_nc()  # and a new SMTP session starts clean, still negotiated
+        assert c.connect("ok.example", "192.0.2.1", 25).action == "noreply"
+        assert _transaction(c, "ok", "fine") == ["continue"] * 4
