@@ -766,16 +766,28 @@ new_context(SMFICTX *ctx)
  * context under its SMFICTX address; the next session on that SMFICTX takes
  * the negotiated state (actions, protocol, header filter) from it.  A new
  * milter connection always negotiates first and drops whatever a freed SMFICTX
- * at the same address left behind, so the table holds at most one entry per
- * SMFICTX address in use: about the peak number of connections.
+ * at the same address left behind.  Addresses are not always reused, so the
+ * table also forgets its oldest entry beyond park_limit (seen: ~2 stale
+ * entries per 100 connections); a session whose entry was forgotten is
+ * answered with the fail-safe verdict.
  */
+static Py_ssize_t park_limit = 4096;
+
 static int
 park_context(SMFICTX *ctx, ContextObject *c)
 {
-    PyObject *key = PyLong_FromVoidPtr(ctx);
+    PyObject *key = PyLong_FromVoidPtr(ctx), *oldest, *value;
+    Py_ssize_t pos = 0;
     int rc = key != NULL ? PyDict_SetItem(S.parked, key, (PyObject *)c) : -1;
 
     Py_XDECREF(key);
+    while (rc == 0 && PyDict_GET_SIZE(S.parked) > park_limit
+           && PyDict_Next(S.parked, &pos, &oldest, &value)) {
+        Py_INCREF(oldest);
+        rc = PyDict_DelItem(S.parked, oldest);
+        Py_DECREF(oldest);
+        pos = 0;
+    }
     return rc;
 }
 
@@ -825,7 +837,6 @@ get_context(SMFICTX *ctx, int stage)
         Py_XINCREF(old->header_filter);
         c->header_filter = old->header_filter;
     }
-    Py_XDECREF(old);
     h = S.factory ? PyObject_CallOneArg(S.factory, (PyObject *)c) : NULL;
     if (h == NULL) {
         if (!PyErr_Occurred())
@@ -836,6 +847,13 @@ get_context(SMFICTX *ctx, int stage)
             PyErr_WriteUnraisable(NULL);
     }
     c->handler = h;
+    if (h != NULL && old == NULL && stage != ST_NEGOTIATE) {
+        PyErr_Format(S.error, "%s: an SMTP session on a milter connection whose "
+                     "negotiation is not known (forgotten after SMFIC_QUIT_NC)",
+                     stage_names[stage]);
+        c->conn_verdict = failsafe(c, stage);
+    }
+    Py_XDECREF(old);
     return c;
 }
 
@@ -1496,6 +1514,21 @@ mod_shutdown(PyObject *Py_UNUSED(m), PyObject *arg)
 }
 
 static PyObject *
+mod_park_limit(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    Py_ssize_t v = PyLong_AsSsize_t(arg), old = park_limit;
+
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (v < 1) {
+        PyErr_SetString(PyExc_ValueError, "_park_limit: at least 1");
+        return NULL;
+    }
+    park_limit = v;
+    return PyLong_FromSsize_t(old);
+}
+
+static PyObject *
 mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     unsigned int major = 0, minor = 0, patch = 0;
@@ -1517,6 +1550,8 @@ static PyMethodDef module_methods[] = {
     {"stop", mod_stop, METH_NOARGS, "Ask smfi_main to return."},
     {"shutdown", mod_shutdown, METH_O,
      "After main(): stop callbacks entering Python; wait up to N s for those inside."},
+    {"_park_limit", mod_park_limit, METH_O,
+     "For tests: how many closed sessions SMFIC_QUIT_NC may still resume; returns the old."},
     {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
     {NULL, NULL, 0, NULL},
 };

@@ -463,3 +463,20 @@ def test_carried_verdicts_follow_the_model(noreply, host, helo, mail, subject):
         c.quit_nc()  # and a new SMTP session starts clean, still negotiated
         assert c.connect("ok.example", "192.0.2.1", 25).action == "noreply"
         assert _transaction(c, "ok", "fine") == ["continue"] * 4
+
+
+def test_quit_nc_session_whose_negotiation_was_forgotten_gets_the_failsafe(shortdir):
+    work = shortdir / "park"
+    work.mkdir()
+    spec = f"unix:{shortdir}/park.sock"
+    with Daemon([PYTHON, str(MILTERS / "edges.py"), spec, "replying", "1"], spec, work) as d:
+        with MilterClient(spec) as first, MilterClient(spec) as second:
+            for n, c in enumerate((first, second), 1):  # the second close pushes out the first
+                assert c.connect("ok.example", "192.0.2.1", 25).continues
+                assert _message(c).action == "continue"
+                c.quit_nc()
+                _wait_for(lambda n=n: d.stdout().count("close ") >= n)
+            assert second.connect("ok.example", "192.0.2.1", 25).continues
+            assert _message(second).action == "continue"
+            assert first.connect("ok.example", "192.0.2.1", 25).action == "tempfail"
+    assert "negotiation is not known (forgotten after SMFIC_QUIT_NC)" in d.stderr()

@@ -1,6 +1,6 @@
 """Test milters for the edges of libmilter_ext: carried verdicts, SKIP, failing hooks.
 
-Usage: edges.py SOCKET_SPEC MODE, MODE one of
+Usage: edges.py SOCKET_SPEC MODE [PARK_LIMIT], MODE one of
 
   noreply   connect, helo, envfrom, header and body negotiated without reply;
             envrcpt, data and eoh reply.  The client hostname, HELO name and
@@ -162,6 +162,8 @@ def raw_hook(handler, stage, exc):
 def main() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
     spec, mode = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:  # how many closed sessions SMFIC_QUIT_NC may resume
+        lm._milter._park_limit(int(sys.argv[3]))
     if mode == "rawhook":
         def make(ctx):
             milter = Replying()
