@@ -118,15 +118,24 @@ _MACRO_STAGES = {
     "envrcpt": SMFIM_ENVRCPT, "data": SMFIM_DATA, "eoh": SMFIM_EOH, "eom": SMFIM_EOM,
 }
 
-_REPLY_LINE_MAX = 400  # SMTP allows 512 octets per reply line, code included
+# Bytes per reply line as libmilter gets it (UTF-8, "%" doubled): libmilter takes
+# up to MAXREPLYLEN (980), SMTP 512 octets per line with the code and CRLF.
+_REPLY_LINE_MAX = 400
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Surrogates that surrogateescape cannot encode (it only maps U+DC80..U+DCFF).
+_UNENCODABLE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
 def noreply(method: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a stage callback as not answering: the MTA won't wait for it.
 
     A verdict it returns anyway (or the fail-safe of an exception) is not lost:
-    it is given at the next stage that answers.
+    it is answered at every later stage that replies, without calling Python,
+    for as long as it would have held had the stage replied itself -- from
+    connect(), helo() or unknown() for the rest of the SMTP session, from a
+    message stage (envfrom() to body()) until the transaction ends (abort,
+    the next MAIL, or eom).  A no-reply envrcpt() cannot reject one recipient:
+    its verdict holds for the transaction.  SKIP is for a replying body() only.
     """
     method._milter_noreply = True  # type: ignore[attr-defined]
     return method
@@ -144,7 +153,8 @@ class Milter:
       failsafe  verdict after an exception in a callback (default TEMPFAIL)
       macros    {stage: "macro names"} the MTA should send at that stage
       header_names  only these header fields (any case) reach header(); the
-                others are answered in C without taking the GIL (default: all)
+                others are answered in C without taking the GIL (default: all);
+                checked when the class is defined
       actions   SMFIF_* flags wanted (default: every action the MTA offers)
       protocol  extra SMFIP_* flags wanted (e.g. SMFIP_HDR_LEADSPC)
     """
@@ -158,6 +168,12 @@ class Milter:
     _ctx: Context
     _protocol_cache: ClassVar[dict[type, int]] = {}
     _filter_cache: ClassVar[dict[type, bytes]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the class attributes when the class is defined, not per connection."""
+        super().__init_subclass__(**kwargs)
+        if cls.header_names is not None:
+            _header_filter_blob(cls.__qualname__, cls.header_names)
 
     # -- callbacks (override what you need) ----------------------------------
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -226,6 +242,8 @@ class Milter:
                 flags |= skip_bit
             elif getattr(method, "_milter_noreply", False):
                 flags |= noreply_bit
+            elif name == "body":
+                flags |= SMFIP_SKIP  # body() may answer SKIP where the MTA allows it
         Milter._protocol_cache[cls] = flags
         return flags
 
@@ -247,8 +265,7 @@ class Milter:
     def _header_filter(cls) -> bytes:
         blob = Milter._filter_cache.get(cls)
         if blob is None:
-            names = sorted({n.lower() for n in cls.header_names or ()})
-            blob = b"".join(n.encode("ascii") + b"\0" for n in names) + b"\0"
+            blob = _header_filter_blob(cls.__qualname__, cls.header_names or ())
             Milter._filter_cache[cls] = blob
         return blob
 
@@ -300,6 +317,50 @@ class Milter:
         self._ctx.progress()
 
 
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 field-name: ftext
+
+
+def _header_filter_blob(owner: str, names: Any) -> bytes:
+    """header_names as the C filter wants them: b"name\\0name\\0\\0", lower case.
+
+    Raises TypeError/ValueError naming the class and the offending name.
+    """
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"{owner}.header_names must be a set of header names, "
+                        f"not {type(names).__name__}")
+    lowered = set()
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{owner}.header_names: {name!r} is not a str")
+        if not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"{owner}.header_names: {name!r} is not a header field name "
+                             "(one or more printable ASCII characters except ':')")
+        lowered.add(name.lower())
+    return b"".join(n.encode("ascii") + b"\0" for n in sorted(lowered)) + b"\0"
+
+
+def _wire_len(ch: str) -> int:
+    """Bytes of one character in a reply line: UTF-8 (surrogateescape), '%' doubled."""
+    code = ord(ch)
+    if code < 0x80:
+        return 2 if ch == "%" else 1
+    if 0xDC80 <= code <= 0xDCFF:
+        return 1
+    return 2 if code < 0x800 else 3 if code < 0x10000 else 4
+
+
+def _fitting(part: str) -> int:
+    """How many leading characters of part fit in _REPLY_LINE_MAX bytes."""
+    if len(part) * 4 <= _REPLY_LINE_MAX:
+        return len(part)
+    size = 0
+    for i, ch in enumerate(part):
+        size += _wire_len(ch)
+        if size > _REPLY_LINE_MAX:
+            return i
+    return len(part)
+
+
 def reply_lines(texts: tuple[str | None, ...] | list[str | None]) -> list[str]:
     """Make reply text safe for libmilter: no CR/LF or controls, `%` doubled, short lines."""
     out: list[str] = []
@@ -307,10 +368,10 @@ def reply_lines(texts: tuple[str | None, ...] | list[str | None]) -> list[str]:
         if text is None:
             continue
         for part in re.split(r"\r\n|\r|\n", str(text)):
-            part = _CONTROL.sub(" ", part).replace("\t", " ")
-            while len(part) > _REPLY_LINE_MAX:
-                cut = part.rfind(" ", 0, _REPLY_LINE_MAX)
-                cut = cut if cut > _REPLY_LINE_MAX // 2 else _REPLY_LINE_MAX
+            part = _UNENCODABLE.sub("?", _CONTROL.sub(" ", part).replace("\t", " "))
+            while (limit := _fitting(part)) < len(part):
+                cut = part.rfind(" ", 0, limit)
+                cut = cut if cut > limit // 2 else limit
                 out.append(part[:cut])
                 part = part[cut:].lstrip(" ")
             out.append(part)
@@ -320,12 +381,28 @@ def reply_lines(texts: tuple[str | None, ...] | list[str | None]) -> list[str]:
     return out
 
 
+_FAILSAFE_VERDICTS = frozenset({CONTINUE, REJECT, DISCARD, ACCEPT, TEMPFAIL})
+
+
 def _error_hook(handler: Milter | None, stage: str, exc: BaseException) -> int:
+    """Called by the C layer on a libmilter thread: always returns a verdict."""
     if handler is None:
         log.error("cannot create the milter for a connection (%s): %s", stage, exc,
                   exc_info=(type(exc), exc, exc.__traceback__))
         return TEMPFAIL
-    return handler.on_exception(stage, exc)
+    try:
+        verdict = handler.on_exception(stage, exc)
+    except BaseException as hook_exc:  # SystemExit too: this is no place to exit
+        log.error("on_exception for %s raised %s: %s; answering tempfail", stage,
+                  type(hook_exc).__name__, hook_exc,
+                  exc_info=(type(hook_exc), hook_exc, hook_exc.__traceback__))
+        return TEMPFAIL
+    if not isinstance(verdict, int) or isinstance(verdict, bool) \
+            or verdict not in _FAILSAFE_VERDICTS:
+        log.error("on_exception for %s returned %r, not a verdict; answering tempfail",
+                  stage, verdict)
+        return TEMPFAIL
+    return int(verdict)
 
 
 def register(factory: Callable[[], Milter], name: str, *,

@@ -4,7 +4,10 @@
  * The C layer only translates: libmilter callbacks become method calls on the
  * Python handler object of the SMTP connection, and libmilter actions become
  * methods of a Context object.  Policy (what to negotiate, what to answer on an
- * exception) lives in the Python layer, libmilter_ext/__init__.py.
+ * exception) lives in the Python layer, libmilter_ext/__init__.py.  Every
+ * stage callback is a small function that packs libmilter's arguments and
+ * hands them to dispatch(), which runs the stage: GIL, carried verdict,
+ * handler method, verdict and no-reply rules.
  *
  * Threading: Debian's libmilter runs one connection's callbacks on whichever
  * worker thread is free, so every callback takes the GIL with PyGILState_Ensure
@@ -72,6 +75,7 @@ static struct {
     PyObject *error;       /* libmilter_ext._milter.MilterError */
     PyObject *stage_error; /* ... .StageError(MilterError) */
     char *name;            /* registered filter name (libmilter keeps the pointer) */
+    PyObject *parked;      /* {SMFICTX address: closed Context}: what SMFIC_QUIT_NC keeps */
 } S;
 
 typedef struct {
@@ -81,8 +85,12 @@ typedef struct {
     unsigned long actions; /* negotiated SMFIF_* */
     unsigned long protocol;/* negotiated SMFIP_* */
     int stage;             /* callback running now, ST_IDLE between callbacks */
-    int pending;           /* verdict from a no-reply stage, given at the next reply */
-    int pending_in_message;/* that verdict belongs to the current message */
+    /* Verdicts carried from no-reply stages, answered at every later stage that
+     * replies (without calling Python) until their scope ends, as if the stage
+     * had replied itself: */
+    int conn_verdict;      /* connect/helo/unknown: the rest of the SMTP session */
+    int msg_verdict;       /* a message stage: until abort, the next MAIL or eom */
+    int neg_verdict;       /* negotiation failed: every session on the milter connection */
     PyObject *header_filter; /* bytes "name\0name\0\0" (lower case) or NULL: all */
 } ContextObject;
 
@@ -106,28 +114,34 @@ static pthread_key_t keep_key;
 #define py_finalizing() _Py_IsFinalizing()
 #endif
 
+/*
+ * Shutdown: once smfi_main has returned, the interpreter is about to finalize
+ * while libmilter's threads may still deliver a callback (a connection closing,
+ * say) or end (running drop_kept_state).  shutdown() closes the gate and waits
+ * for those already inside; later ones answer, or end, without touching Python.
+ */
+static atomic_int closing;
+static atomic_int inflight;
+
 /* Thread exit: delete the kept state.  glibc has already cleared Python's own
- * thread-local pointer by now, so the state comes from our key's value. */
+ * thread-local pointer by now, so the state comes from our key's value.  Once
+ * the gate is closed the state is leaked: the interpreter may be finalizing,
+ * and taking the GIL then can hang or kill this thread (or assert). */
 static void
 drop_kept_state(void *state)
 {
     PyThreadState *ts = state;
 
-    if (ts == NULL || !Py_IsInitialized() || py_finalizing())
+    if (ts == NULL)
         return;
-    PyEval_RestoreThread(ts);
-    PyThreadState_Clear(ts);
-    PyThreadState_DeleteCurrent();
+    atomic_fetch_add(&inflight, 1);
+    if (!atomic_load(&closing) && Py_IsInitialized() && !py_finalizing()) {
+        PyEval_RestoreThread(ts);
+        PyThreadState_Clear(ts);
+        PyThreadState_DeleteCurrent();
+    }
+    atomic_fetch_sub(&inflight, 1);
 }
-
-/*
- * Shutdown: once smfi_main has returned, the interpreter is about to finalize
- * while libmilter's threads may still deliver a callback (a connection closing,
- * say).  shutdown() closes the gate and waits for callbacks already inside;
- * later ones answer without touching Python.
- */
-static atomic_int closing;
-static atomic_int inflight;
 
 /* Take the GIL for a callback; 0 (and no GIL) once the module is shutting down. */
 static int
@@ -210,11 +224,26 @@ check_result(int rc, const char *call)
     Py_RETURN_NONE;
 }
 
-/* The context may act now: inside a callback of the given stage (mask) with the
- * given action flag negotiated.  stages is a bitmask of (1 << stage). */
+static const char *
+action_flag_name(unsigned long flag)
+{
+    switch (flag) {
+    case SMFIF_ADDHDRS: return "SMFIF_ADDHDRS";
+    case SMFIF_CHGBODY: return "SMFIF_CHGBODY";
+    case SMFIF_ADDRCPT: return "SMFIF_ADDRCPT";
+    case SMFIF_DELRCPT: return "SMFIF_DELRCPT";
+    case SMFIF_CHGHDRS: return "SMFIF_CHGHDRS";
+    case SMFIF_QUARANTINE: return "SMFIF_QUARANTINE";
+    case SMFIF_CHGFROM: return "SMFIF_CHGFROM";
+    case SMFIF_ADDRCPT_PAR: return "SMFIF_ADDRCPT_PAR";
+    default: return "an action";
+    }
+}
+
+/* The context may act now: inside a callback of the given stages (a mask of
+ * 1 << stage, 0: any) with the given SMFIF_* action (0: none) negotiated. */
 static int
-usable(ContextObject *self, const char *action, unsigned int stages,
-       unsigned long flag, const char *flagname)
+usable(ContextObject *self, const char *action, unsigned int stages, unsigned long flag)
 {
     if (self->ctx == NULL) {
         PyErr_Format(S.stage_error, "%s: the connection is closed", action);
@@ -234,7 +263,7 @@ usable(ContextObject *self, const char *action, unsigned int stages,
     }
     if (flag != 0 && (self->actions & flag) == 0) {
         PyErr_Format(S.stage_error, "%s needs the %s action, which was not negotiated",
-                     action, flagname);
+                     action, action_flag_name(flag));
         return 0;
     }
     return 1;
@@ -251,7 +280,7 @@ Context_getsymval(ContextObject *self, PyObject *arg)
     PyObject *b, *res;
     char *v;
 
-    if (!usable(self, "getsymval", ANY_STAGE, 0, NULL))
+    if (!usable(self, "getsymval", ANY_STAGE, 0))
         return NULL;
     if ((b = encode(arg, "macro name")) == NULL)
         return NULL;
@@ -270,7 +299,7 @@ Context_setsymlist(ContextObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "iO:setsymlist", &where, &macros))
         return NULL;
-    if (!usable(self, "setsymlist", 1u << ST_NEGOTIATE, 0, NULL))
+    if (!usable(self, "setsymlist", 1u << ST_NEGOTIATE, 0))
         return NULL;
     if ((b = encode(macros, "macro list")) == NULL)
         return NULL;
@@ -299,7 +328,7 @@ Context_setreply(ContextObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "setreply: at most 32 lines");
         return NULL;
     }
-    if (!usable(self, "setreply", ANY_STAGE, 0, NULL))
+    if (!usable(self, "setreply", ANY_STAGE, 0))
         return NULL;
     if ((rcode = encode(PyTuple_GET_ITEM(args, 0), "rcode")) == NULL)
         goto done;
@@ -337,7 +366,7 @@ Context_addheader(ContextObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "OO|i:addheader", &name, &value, &idx))
         return NULL;
-    if (!usable(self, "addheader", EOM_ONLY, SMFIF_ADDHDRS, "SMFIF_ADDHDRS"))
+    if (!usable(self, "addheader", EOM_ONLY, SMFIF_ADDHDRS))
         return NULL;
     if ((bn = encode(name, "header name")) == NULL)
         return NULL;
@@ -364,7 +393,7 @@ Context_chgheader(ContextObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "Oi|O:chgheader", &name, &idx, &value))
         return NULL;
-    if (!usable(self, "chgheader", EOM_ONLY, SMFIF_CHGHDRS, "SMFIF_CHGHDRS"))
+    if (!usable(self, "chgheader", EOM_ONLY, SMFIF_CHGHDRS))
         return NULL;
     if ((bn = encode(name, "header name")) == NULL)
         return NULL;
@@ -381,22 +410,15 @@ Context_chgheader(ContextObject *self, PyObject *args)
     return check_result(rc, "smfi_chgheader");
 }
 
-/* Shared shape of addrcpt/chgfrom: an address and optional ESMTP args. */
 static PyObject *
-address_action(ContextObject *self, PyObject *args, int which)
+Context_addrcpt(ContextObject *self, PyObject *args)
 {
     PyObject *addr, *esmtp = Py_None, *ba, *be;
     int rc;
-    const char *name = which == 0 ? "addrcpt" : "chgfrom";
-    unsigned long flag = which == 0 ? SMFIF_ADDRCPT : SMFIF_CHGFROM;
 
-    if (!PyArg_ParseTuple(args, "O|O", &addr, &esmtp))
+    if (!PyArg_ParseTuple(args, "O|O:addrcpt", &addr, &esmtp))
         return NULL;
-    if (which == 0 && esmtp != Py_None)
-        flag = SMFIF_ADDRCPT_PAR;
-    if (!usable(self, name, EOM_ONLY, flag,
-                which == 1 ? "SMFIF_CHGFROM"
-                : flag == SMFIF_ADDRCPT ? "SMFIF_ADDRCPT" : "SMFIF_ADDRCPT_PAR"))
+    if (!usable(self, "addrcpt", EOM_ONLY, esmtp == Py_None ? SMFIF_ADDRCPT : SMFIF_ADDRCPT_PAR))
         return NULL;
     if ((ba = encode(addr, "address")) == NULL)
         return NULL;
@@ -405,56 +427,55 @@ address_action(ContextObject *self, PyObject *args, int which)
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    if (which == 1)
-        rc = smfi_chgfrom(self->ctx, PyBytes_AS_STRING(ba), be ? PyBytes_AS_STRING(be) : NULL);
-    else if (be != NULL)
+    if (be != NULL)
         rc = smfi_addrcpt_par(self->ctx, PyBytes_AS_STRING(ba), PyBytes_AS_STRING(be));
     else
         rc = smfi_addrcpt(self->ctx, PyBytes_AS_STRING(ba));
     Py_END_ALLOW_THREADS
     Py_DECREF(ba);
     Py_XDECREF(be);
-    return check_result(rc, which == 1 ? "smfi_chgfrom"
-                            : be ? "smfi_addrcpt_par" : "smfi_addrcpt");
-}
-
-static PyObject *
-Context_addrcpt(ContextObject *self, PyObject *args)
-{
-    return address_action(self, args, 0);
+    return check_result(rc, be != NULL ? "smfi_addrcpt_par" : "smfi_addrcpt");
 }
 
 static PyObject *
 Context_chgfrom(ContextObject *self, PyObject *args)
 {
-    return address_action(self, args, 1);
-}
-
-/* The end-of-message actions that take one string: smfi_delrcpt, smfi_quarantine. */
-static PyObject *
-string_action(ContextObject *self, PyObject *arg, const char *action, unsigned long flag,
-              const char *flagname, const char *what, int (*call)(SMFICTX *, char *),
-              const char *callname)
-{
-    PyObject *b;
+    PyObject *addr, *esmtp = Py_None, *ba, *be;
     int rc;
 
-    if (!usable(self, action, EOM_ONLY, flag, flagname))
+    if (!PyArg_ParseTuple(args, "O|O:chgfrom", &addr, &esmtp))
         return NULL;
-    if ((b = encode(arg, what)) == NULL)
+    if (!usable(self, "chgfrom", EOM_ONLY, SMFIF_CHGFROM))
         return NULL;
+    if ((ba = encode(addr, "address")) == NULL)
+        return NULL;
+    if (encode_opt(esmtp, "ESMTP arguments", &be) < 0) {
+        Py_DECREF(ba);
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    rc = call(self->ctx, PyBytes_AS_STRING(b));
+    rc = smfi_chgfrom(self->ctx, PyBytes_AS_STRING(ba), be ? PyBytes_AS_STRING(be) : NULL);
     Py_END_ALLOW_THREADS
-    Py_DECREF(b);
-    return check_result(rc, callname);
+    Py_DECREF(ba);
+    Py_XDECREF(be);
+    return check_result(rc, "smfi_chgfrom");
 }
 
 static PyObject *
 Context_delrcpt(ContextObject *self, PyObject *arg)
 {
-    return string_action(self, arg, "delrcpt", SMFIF_DELRCPT, "SMFIF_DELRCPT", "address",
-                         smfi_delrcpt, "smfi_delrcpt");
+    PyObject *b;
+    int rc;
+
+    if (!usable(self, "delrcpt", EOM_ONLY, SMFIF_DELRCPT))
+        return NULL;
+    if ((b = encode(arg, "address")) == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_delrcpt(self->ctx, PyBytes_AS_STRING(b));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(b);
+    return check_result(rc, "smfi_delrcpt");
 }
 
 static PyObject *
@@ -463,7 +484,7 @@ Context_replacebody(ContextObject *self, PyObject *arg)
     Py_buffer buf;
     int rc;
 
-    if (!usable(self, "replacebody", EOM_ONLY, SMFIF_CHGBODY, "SMFIF_CHGBODY"))
+    if (!usable(self, "replacebody", EOM_ONLY, SMFIF_CHGBODY))
         return NULL;
     if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -482,8 +503,18 @@ Context_replacebody(ContextObject *self, PyObject *arg)
 static PyObject *
 Context_quarantine(ContextObject *self, PyObject *arg)
 {
-    return string_action(self, arg, "quarantine", SMFIF_QUARANTINE, "SMFIF_QUARANTINE",
-                         "reason", smfi_quarantine, "smfi_quarantine");
+    PyObject *b;
+    int rc;
+
+    if (!usable(self, "quarantine", EOM_ONLY, SMFIF_QUARANTINE))
+        return NULL;
+    if ((b = encode(arg, "reason")) == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = smfi_quarantine(self->ctx, PyBytes_AS_STRING(b));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(b);
+    return check_result(rc, "smfi_quarantine");
 }
 
 static PyObject *
@@ -491,7 +522,7 @@ Context_progress(ContextObject *self, PyObject *Py_UNUSED(ignored))
 {
     int rc;
 
-    if (!usable(self, "progress", EOM_ONLY, 0, NULL))
+    if (!usable(self, "progress", EOM_ONLY, 0))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_progress(self->ctx);
@@ -507,8 +538,22 @@ Context_set_header_filter(ContextObject *self, PyObject *names)
     PyObject *blob = NULL;
 
     if (names != Py_None) {
+        const char *p, *end;
+
         if (!PyBytes_Check(names)) {
             PyErr_SetString(PyExc_TypeError, "set_header_filter: bytes or None");
+            return NULL;
+        }
+        /* Non-empty names, each NUL-terminated, then one more NUL: header_wanted
+         * walks it without a length. */
+        p = end = PyBytes_AS_STRING(names);
+        if (PyBytes_GET_SIZE(names) > 0)
+            end += PyBytes_GET_SIZE(names) - 1;
+        while (p < end && *p != '\0')
+            p += strlen(p) + 1;
+        if (PyBytes_GET_SIZE(names) == 0 || p != end || *end != '\0') {
+            PyErr_SetString(PyExc_ValueError,
+                            "set_header_filter: want b'name\\0name\\0\\0' (non-empty names)");
             return NULL;
         }
         blob = names;
@@ -609,40 +654,84 @@ static PyTypeObject Context_Type = {
 
 /* ---- dispatch: libmilter callback -> handler method --------------------- */
 
-/* Report the exception set now and return the fail-safe verdict to use. */
-static int
-failsafe(ContextObject *c, int stage)
+/* The exception set now, normalized and with its traceback attached; NULL if none. */
+static PyObject *
+take_exception(void)
 {
-    PyObject *type, *value, *tb, *res;
-    int verdict = SMFIS_TEMPFAIL;
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
 
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
     if (tb != NULL && value != NULL)
-        PyException_SetTraceback(value, tb);
-    if (S.error_hook == NULL || value == NULL) {
-        PyErr_Restore(type, value, tb);
-        PyErr_Print();
-        return verdict;
-    }
-    res = PyObject_CallFunction(S.error_hook, "OsO",
-                                c && c->handler ? c->handler : Py_None,
-                                stage_names[stage], value);
+        (void)PyException_SetTraceback(value, tb);
     Py_XDECREF(type);
-    Py_XDECREF(value);
     Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Set exc (a reference stolen) as the current exception again. */
+static void
+restore_exception(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyObject *type = (PyObject *)Py_TYPE(exc);
+
+    Py_INCREF(type);
+    PyErr_Restore(type, exc, PyException_GetTraceback(exc));
+#endif
+}
+
+static int
+is_verdict(long v)
+{
+    return v == SMFIS_CONTINUE || v == SMFIS_REJECT || v == SMFIS_DISCARD
+           || v == SMFIS_ACCEPT || v == SMFIS_TEMPFAIL;
+}
+
+/*
+ * Report the exception set now and return the fail-safe verdict to use.  It
+ * runs on a libmilter thread, so nothing may escape to PyErr_Print (which
+ * would run Py_Exit for a SystemExit there): the error hook reports and picks
+ * the verdict; whatever goes wrong with the hook itself goes to
+ * PyErr_WriteUnraisable and the answer is TEMPFAIL.  The MTA always gets one.
+ */
+static int
+failsafe(ContextObject *c, int stage)
+{
+    PyObject *handler = c != NULL && c->handler != NULL ? c->handler : Py_None;
+    PyObject *exc = take_exception(), *res;
+    long v;
+
+    if (exc == NULL)
+        exc = PyObject_CallFunction(PyExc_SystemError, "s", "callback failed without an exception");
+    if (exc == NULL || S.error_hook == NULL) {
+        if (exc != NULL)
+            restore_exception(exc);
+        PyErr_WriteUnraisable(handler);
+        return SMFIS_TEMPFAIL;
+    }
+    res = PyObject_CallFunction(S.error_hook, "OsO", handler, stage_names[stage], exc);
+    Py_DECREF(exc);
     if (res == NULL) {
-        PyErr_Print();
-        return verdict;
+        PyErr_WriteUnraisable(S.error_hook);
+        return SMFIS_TEMPFAIL;
     }
-    if (PyLong_Check(res))
-        verdict = (int)PyLong_AsLong(res);
-    Py_DECREF(res);
-    if (PyErr_Occurred()) {
+    v = PyLong_Check(res) ? PyLong_AsLong(res) : -1;
+    if (PyErr_Occurred() || !is_verdict(v)) {
         PyErr_Clear();
-        verdict = SMFIS_TEMPFAIL;
+        PyErr_Format(PyExc_TypeError, "error hook returned %R for %s, not a verdict: "
+                     "answering tempfail", res, stage_names[stage]);
+        PyErr_WriteUnraisable(S.error_hook);
+        v = SMFIS_TEMPFAIL;
     }
-    return verdict;
+    Py_DECREF(res);
+    return (int)v;
 }
 
 static ContextObject *
@@ -657,8 +746,9 @@ new_context(SMFICTX *ctx)
     c->actions = 0;
     c->protocol = 0;
     c->stage = ST_IDLE;
-    c->pending = NO_VERDICT;
-    c->pending_in_message = 0;
+    c->conn_verdict = NO_VERDICT;
+    c->msg_verdict = NO_VERDICT;
+    c->neg_verdict = NO_VERDICT;
     c->header_filter = NULL;
     PyObject_GC_Track(c);
     if (smfi_setpriv(ctx, c) != MI_SUCCESS) {
@@ -669,38 +759,120 @@ new_context(SMFICTX *ctx)
     return c;
 }
 
+/*
+ * SMFIC_QUIT_NC ends the SMTP session (libmilter calls close) but keeps the
+ * milter connection for the next one, which starts at CONNECT without a new
+ * negotiation.  close cannot tell QUIT from QUIT_NC, so it parks the closed
+ * context under its SMFICTX address; the next session on that SMFICTX takes
+ * the negotiated state (actions, protocol, header filter) from it.  A new
+ * milter connection always negotiates first and drops whatever a freed SMFICTX
+ * at the same address left behind.  Addresses are not always reused, so the
+ * table also forgets its oldest entry beyond park_limit (seen: ~2 stale
+ * entries per 100 connections); a session whose entry was forgotten is
+ * answered with the fail-safe verdict.
+ */
+static Py_ssize_t park_limit = 4096;
+
+static int
+park_context(SMFICTX *ctx, ContextObject *c)
+{
+    PyObject *key = PyLong_FromVoidPtr(ctx), *oldest, *value;
+    Py_ssize_t pos = 0;
+    int rc = key != NULL ? PyDict_SetItem(S.parked, key, (PyObject *)c) : -1;
+
+    Py_XDECREF(key);
+    while (rc == 0 && PyDict_GET_SIZE(S.parked) > park_limit
+           && PyDict_Next(S.parked, &pos, &oldest, &value)) {
+        Py_INCREF(oldest);
+        rc = PyDict_DelItem(S.parked, oldest);
+        Py_DECREF(oldest);
+        pos = 0;
+    }
+    return rc;
+}
+
+/* The parked context of this SMFICTX (a new reference, removed), or NULL. */
+static ContextObject *
+unpark_context(SMFICTX *ctx)
+{
+    PyObject *key = PyLong_FromVoidPtr(ctx), *old = NULL;
+
+    if (key == NULL)
+        return NULL;
+    old = PyDict_GetItemWithError(S.parked, key);
+    if (old != NULL) {
+        Py_INCREF(old);
+        if (PyDict_DelItem(S.parked, key) < 0)
+            Py_CLEAR(old);
+    }
+    Py_DECREF(key);
+    return (ContextObject *)old;
+}
+
 /* The context of this connection, made (with its handler) on first use.  A
  * borrowed reference: libmilter's private pointer owns it until close. */
 static ContextObject *
 get_context(SMFICTX *ctx, int stage)
 {
-    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx), *old;
     PyObject *h;
 
     if (c != NULL)
         return c;
-    if ((c = new_context(ctx)) == NULL) {
-        PyErr_Print();
+    old = unpark_context(ctx);
+    if (old == NULL && PyErr_Occurred()) {
+        PyErr_WriteUnraisable(NULL);
         return NULL;
+    }
+    if ((c = new_context(ctx)) == NULL) {
+        PyErr_WriteUnraisable(NULL);
+        Py_XDECREF(old);
+        return NULL;
+    }
+    if (old != NULL && stage != ST_NEGOTIATE) {
+        /* a new SMTP session on a kept milter connection */
+        c->actions = old->actions;
+        c->protocol = old->protocol;
+        c->neg_verdict = c->conn_verdict = old->neg_verdict;
+        Py_XINCREF(old->header_filter);
+        c->header_filter = old->header_filter;
     }
     h = S.factory ? PyObject_CallOneArg(S.factory, (PyObject *)c) : NULL;
     if (h == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetString(S.error, "no milter factory registered");
-        c->pending = failsafe(c, stage);
-        c->pending_in_message = 0;
+        if (c->conn_verdict == NO_VERDICT)
+            c->conn_verdict = failsafe(c, stage);
+        else
+            PyErr_WriteUnraisable(NULL);
     }
     c->handler = h;
+    if (h != NULL && old == NULL && stage != ST_NEGOTIATE) {
+        PyErr_Format(S.error, "%s: an SMTP session on a milter connection whose "
+                     "negotiation is not known (forgotten after SMFIC_QUIT_NC)",
+                     stage_names[stage]);
+        c->conn_verdict = failsafe(c, stage);
+    }
+    Py_XDECREF(old);
     return c;
 }
 
+/* Does this stage answer the MTA (it was not negotiated as no-reply)? */
 static int
-is_message_stage(int stage)
+replies(ContextObject *c, int stage)
 {
-    return stage >= ST_ENVFROM && stage != ST_UNKNOWN && stage <= ST_EOM;
+    return (c->protocol & stage_nr_bit[stage]) == 0;
 }
 
-/* Map a Python result to a verdict: None or an int. */
+/* The verdict carried to this stage, or NO_VERDICT. */
+static int
+carried(ContextObject *c)
+{
+    return c->conn_verdict != NO_VERDICT ? c->conn_verdict : c->msg_verdict;
+}
+
+/* Map a Python result to a verdict: None or an int; SKIP only from a body()
+ * that replies, with SMFIP_SKIP negotiated. */
 static int
 as_verdict(ContextObject *c, int stage, PyObject *res)
 {
@@ -721,21 +893,29 @@ as_verdict(ContextObject *c, int stage, PyObject *res)
         return failsafe(c, stage);
     }
     Py_DECREF(res);
+    if (v == SMFIS_SKIP && (stage != ST_BODY || !replies(c, stage)
+                            || (c->protocol & SMFIP_SKIP) == 0)) {
+        PyErr_Format(S.stage_error, "%s() returned SKIP: %s", stage_names[stage],
+                     stage != ST_BODY ? "only body() may"
+                     : !replies(c, stage) ? "a no-reply body() cannot skip"
+                                          : "the MTA did not offer SMFIP_SKIP");
+        return failsafe(c, stage);
+    }
     return (int)v;
 }
 
 /* Apply the no-reply rules: a no-reply stage answers SMFIS_NOREPLY and keeps a
- * real verdict for the next stage that may answer. */
+ * real verdict for the stages after it, within the scope of the stage. */
 static sfsistat
 finish(ContextObject *c, int stage, int verdict)
 {
-    unsigned long bit = stage_nr_bit[stage];
-
     c->stage = ST_IDLE;
-    if (bit != 0 && (c->protocol & bit) != 0) {
-        if (verdict != SMFIS_CONTINUE && verdict != SMFIS_NOREPLY && c->pending == NO_VERDICT) {
-            c->pending = verdict;
-            c->pending_in_message = is_message_stage(stage);
+    if (!replies(c, stage)) {
+        if (verdict != SMFIS_CONTINUE && verdict != SMFIS_NOREPLY) {
+            if (stage == ST_CONNECT || stage == ST_HELO || stage == ST_UNKNOWN)
+                c->conn_verdict = verdict;
+            else
+                c->msg_verdict = verdict;
         }
         return SMFIS_NOREPLY;
     }
@@ -750,43 +930,27 @@ static ContextObject *
 begin(SMFICTX *ctx, int stage, sfsistat *early)
 {
     ContextObject *c = get_context(ctx, stage);
-    unsigned long bit = stage_nr_bit[stage];
-    int replies = !(bit != 0 && (c != NULL && (c->protocol & bit) != 0));
+    int v;
 
     if (c == NULL) {
         *early = SMFIS_TEMPFAIL;
         return NULL;
     }
-    if (c->pending != NO_VERDICT && replies && stage != ST_ABORT && stage != ST_CLOSE) {
-        *early = c->pending;
-        c->pending = NO_VERDICT;
+    if (stage == ST_ENVFROM)
+        c->msg_verdict = NO_VERDICT; /* a new transaction */
+    if ((v = carried(c)) != NO_VERDICT) {
+        if (stage == ST_EOM)
+            c->msg_verdict = NO_VERDICT; /* the transaction ends with this answer */
+        *early = replies(c, stage) ? v : SMFIS_NOREPLY;
         return NULL;
     }
     if (c->handler == NULL) {
-        *early = replies ? SMFIS_TEMPFAIL : SMFIS_NOREPLY;
+        *early = replies(c, stage) ? SMFIS_TEMPFAIL : SMFIS_NOREPLY;
         return NULL;
     }
     c->stage = stage;
     return c;
 }
-
-#define CALLBACK_PROLOGUE(stage)                        \
-    PyGILState_STATE gs;                                \
-    sfsistat early = SMFIS_CONTINUE, r;                 \
-    ContextObject *c;                                   \
-    if (!gil_enter(&gs))                                \
-        return SMFIS_TEMPFAIL;                          \
-    c = begin(ctx, stage, &early);                      \
-    PyObject *res;                                      \
-    if (c == NULL) {                                    \
-        gil_leave(gs);                         \
-        return early;                                   \
-    }
-
-#define CALLBACK_EPILOGUE(stage)                        \
-    r = finish(c, stage, as_verdict(c, stage, res));    \
-    gil_leave(gs);                             \
-    return r;
 
 /* handler.<stage>(*args) for a few arguments; the arguments stay borrowed. */
 static PyObject *
@@ -798,23 +962,26 @@ call_method(ContextObject *c, int stage, size_t nargs, PyObject *a0, PyObject *a
     return PyObject_VectorcallMethod(S.method_names[stage], stack, nargs + 1, NULL);
 }
 
-/* handler.<stage>(*args) with a tuple of arguments (stolen). */
-static PyObject *
-call_method_tuple(ContextObject *c, int stage, PyObject *args)
-{
-    PyObject *meth, *res;
+/*
+ * One stage callback: the GIL, the carried verdict, the handler method (made
+ * by call from the libmilter arguments in args), the verdict and the no-reply
+ * rules.  Every stage that calls Python goes through here.
+ */
+typedef PyObject *(*stage_call)(ContextObject *c, int stage, const void *args);
 
-    if (args == NULL)
-        return NULL;
-    meth = PyObject_GetAttr(c->handler, S.method_names[stage]);
-    if (meth == NULL) {
-        Py_DECREF(args);
-        return NULL;
-    }
-    res = PyObject_Call(meth, args, NULL);
-    Py_DECREF(meth);
-    Py_DECREF(args);
-    return res;
+static sfsistat
+dispatch(SMFICTX *ctx, int stage, stage_call call, const void *args)
+{
+    PyGILState_STATE gs;
+    ContextObject *c;
+    sfsistat r;
+
+    if (!gil_enter(&gs))
+        return SMFIS_TEMPFAIL;
+    if ((c = begin(ctx, stage, &r)) != NULL)
+        r = finish(c, stage, as_verdict(c, stage, call(c, stage, args)));
+    gil_leave(gs);
+    return r;
 }
 
 static PyObject *
@@ -852,28 +1019,33 @@ hostaddr_tuple(_SOCK_ADDR *sa, int *family)
     Py_RETURN_NONE;
 }
 
-static sfsistat
-cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
+struct connect_args {
+    const char *hostname;
+    _SOCK_ADDR *hostaddr;
+};
+
+/* connect(hostname, family, hostaddr) */
+static PyObject *
+call_connect(ContextObject *c, int stage, const void *args)
 {
-    CALLBACK_PROLOGUE(ST_CONNECT)
+    const struct connect_args *a = args;
     int family;
-    PyObject *addr = hostaddr_tuple(hostaddr, &family);
-    PyObject *host = decode(hostname, -1);
-
+    PyObject *addr = hostaddr_tuple(a->hostaddr, &family);
+    PyObject *host = decode(a->hostname, -1);
     PyObject *fam = PyLong_FromLong(family);
+    PyObject *res = addr && host && fam ? call_method(c, stage, 3, host, fam, addr) : NULL;
 
-    res = (addr && host && fam) ? call_method(c, ST_CONNECT, 3, host, fam, addr) : NULL;
     Py_XDECREF(addr);
     Py_XDECREF(host);
     Py_XDECREF(fam);
-    CALLBACK_EPILOGUE(ST_CONNECT)
+    return res;
 }
 
-/* Call a method with one decoded string argument. */
+/* helo(name), unknown(command): one string */
 static PyObject *
-call_with_string(ContextObject *c, int stage, const char *s)
+call_string(ContextObject *c, int stage, const void *args)
 {
-    PyObject *arg = decode(s, -1), *res;
+    PyObject *arg = decode(args, -1), *res;
 
     if (arg == NULL)
         return NULL;
@@ -882,19 +1054,13 @@ call_with_string(ContextObject *c, int stage, const char *s)
     return res;
 }
 
-static sfsistat
-cb_helo(SMFICTX *ctx, char *helohost)
-{
-    CALLBACK_PROLOGUE(ST_HELO)
-    res = call_with_string(c, ST_HELO, helohost);
-    CALLBACK_EPILOGUE(ST_HELO)
-}
-
+/* envfrom(address, *esmtp_args), envrcpt(...): a NULL-terminated argv */
 static PyObject *
-argv_tuple(char **argv)
+call_argv(ContextObject *c, int stage, const void *args)
 {
+    char *const *argv = args;
     Py_ssize_t n = 0, i;
-    PyObject *t;
+    PyObject *t, *meth, *res;
 
     while (argv != NULL && argv[n] != NULL)
         n++;
@@ -908,34 +1074,93 @@ argv_tuple(char **argv)
         }
         PyTuple_SET_ITEM(t, i, s);
     }
-    return t;
+    if ((meth = PyObject_GetAttr(c->handler, S.method_names[stage])) == NULL) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    res = PyObject_Call(meth, t, NULL);
+    Py_DECREF(meth);
+    Py_DECREF(t);
+    return res;
+}
+
+struct header_args {
+    const char *name, *value;
+};
+
+/* header(name, value) */
+static PyObject *
+call_header(ContextObject *c, int stage, const void *args)
+{
+    const struct header_args *a = args;
+    PyObject *n = decode(a->name, -1), *v = decode(a->value, -1);
+    PyObject *res = n && v ? call_method(c, stage, 2, n, v, NULL) : NULL;
+
+    Py_XDECREF(n);
+    Py_XDECREF(v);
+    return res;
+}
+
+struct body_args {
+    const unsigned char *chunk;
+    size_t len;
+};
+
+/* body(chunk) */
+static PyObject *
+call_body(ContextObject *c, int stage, const void *args)
+{
+    const struct body_args *a = args;
+    PyObject *b = PyBytes_FromStringAndSize((const char *)a->chunk, (Py_ssize_t)a->len);
+    PyObject *res = b ? call_method(c, stage, 1, b, NULL, NULL) : NULL;
+
+    Py_XDECREF(b);
+    return res;
+}
+
+/* data(), eoh(), eom() */
+static PyObject *
+call_noargs(ContextObject *c, int stage, const void *Py_UNUSED(args))
+{
+    return call_method(c, stage, 0, NULL, NULL, NULL);
+}
+
+static sfsistat
+cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
+{
+    struct connect_args a = {hostname, hostaddr};
+
+    return dispatch(ctx, ST_CONNECT, call_connect, &a);
+}
+
+static sfsistat
+cb_helo(SMFICTX *ctx, char *helohost)
+{
+    return dispatch(ctx, ST_HELO, call_string, helohost);
 }
 
 static sfsistat
 cb_envfrom(SMFICTX *ctx, char **argv)
 {
-    CALLBACK_PROLOGUE(ST_ENVFROM)
-    res = call_method_tuple(c, ST_ENVFROM, argv_tuple(argv));
-    CALLBACK_EPILOGUE(ST_ENVFROM)
+    return dispatch(ctx, ST_ENVFROM, call_argv, argv);
 }
 
 static sfsistat
 cb_envrcpt(SMFICTX *ctx, char **argv)
 {
-    CALLBACK_PROLOGUE(ST_ENVRCPT)
-    res = call_method_tuple(c, ST_ENVRCPT, argv_tuple(argv));
-    CALLBACK_EPILOGUE(ST_ENVRCPT)
+    return dispatch(ctx, ST_ENVRCPT, call_argv, argv);
 }
 
 static sfsistat
-cb_header_py(SMFICTX *ctx, char *name, char *value)
+cb_data(SMFICTX *ctx)
 {
-    CALLBACK_PROLOGUE(ST_HEADER)
-    PyObject *n = decode(name, -1), *v = decode(value, -1);
-    res = (n && v) ? call_method(c, ST_HEADER, 2, n, v, NULL) : NULL;
-    Py_XDECREF(n);
-    Py_XDECREF(v);
-    CALLBACK_EPILOGUE(ST_HEADER)
+    return dispatch(ctx, ST_DATA, call_noargs, NULL);
+}
+
+static sfsistat
+cb_unknown(SMFICTX *ctx, const char *cmd)
+{
+    return dispatch(ctx, ST_UNKNOWN, call_string, cmd);
 }
 
 /* Is name (any case) in the filter list "a\0b\0\0"? */
@@ -951,68 +1176,68 @@ header_wanted(const char *list, const char *name)
 static sfsistat
 cb_header(SMFICTX *ctx, char *name, char *value)
 {
-    /* Runs without the GIL: the context is only touched by this connection's
-     * callbacks, which libmilter never runs at the same time. */
+    /* The filter runs without the GIL: the context is only touched by this
+     * connection's callbacks, which libmilter never runs at the same time. */
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    struct header_args a = {name, value};
 
-    if (c != NULL && c->header_filter != NULL && c->pending == NO_VERDICT &&
-        name != NULL && !header_wanted(PyBytes_AS_STRING(c->header_filter), name))
-        return (c->protocol & SMFIP_NR_HDR) ? SMFIS_NOREPLY : SMFIS_CONTINUE;
-    return cb_header_py(ctx, name, value);
+    if (c != NULL && c->header_filter != NULL && name != NULL) {
+        int v = carried(c);
+
+        if (v != NO_VERDICT)
+            return replies(c, ST_HEADER) ? v : SMFIS_NOREPLY;
+        if (!header_wanted(PyBytes_AS_STRING(c->header_filter), name))
+            return replies(c, ST_HEADER) ? SMFIS_CONTINUE : SMFIS_NOREPLY;
+    }
+    return dispatch(ctx, ST_HEADER, call_header, &a);
+}
+
+static sfsistat
+cb_eoh(SMFICTX *ctx)
+{
+    return dispatch(ctx, ST_EOH, call_noargs, NULL);
 }
 
 static sfsistat
 cb_body(SMFICTX *ctx, unsigned char *chunk, size_t len)
 {
-    CALLBACK_PROLOGUE(ST_BODY)
-    PyObject *b = PyBytes_FromStringAndSize((const char *)chunk, (Py_ssize_t)len);
-    res = b ? call_method(c, ST_BODY, 1, b, NULL, NULL) : NULL;
-    Py_XDECREF(b);
-    CALLBACK_EPILOGUE(ST_BODY)
+    struct body_args a = {chunk, len};
+
+    return dispatch(ctx, ST_BODY, call_body, &a);
 }
 
 static sfsistat
-cb_unknown(SMFICTX *ctx, const char *cmd)
+cb_eom(SMFICTX *ctx)
 {
-    CALLBACK_PROLOGUE(ST_UNKNOWN)
-    res = call_with_string(c, ST_UNKNOWN, cmd);
-    CALLBACK_EPILOGUE(ST_UNKNOWN)
+    return dispatch(ctx, ST_EOM, call_noargs, NULL);
 }
 
-#define SIMPLE_CALLBACK(fname, stage)                           \
-    static sfsistat fname(SMFICTX *ctx)                         \
-    {                                                           \
-        CALLBACK_PROLOGUE(stage)                                \
-        res = call_method(c, stage, 0, NULL, NULL, NULL);            \
-        CALLBACK_EPILOGUE(stage)                                \
-    }
+/* abort() and close() answer nothing: an exception is only reported. */
+static void
+call_quietly(ContextObject *c, int stage)
+{
+    PyObject *res;
 
-SIMPLE_CALLBACK(cb_eoh, ST_EOH)
-SIMPLE_CALLBACK(cb_eom, ST_EOM)
-SIMPLE_CALLBACK(cb_data, ST_DATA)
+    if (c->handler == NULL)
+        return;
+    c->stage = stage;
+    if ((res = call_method(c, stage, 0, NULL, NULL, NULL)) == NULL)
+        (void)failsafe(c, stage);
+    Py_XDECREF(res);
+    c->stage = ST_IDLE;
+}
 
 static sfsistat
 cb_abort(SMFICTX *ctx)
 {
     PyGILState_STATE gs;
     ContextObject *c;
-    PyObject *res;
 
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
-    c = (ContextObject *)smfi_getpriv(ctx);
-
-    if (c != NULL) {
-        if (c->pending != NO_VERDICT && c->pending_in_message)
-            c->pending = NO_VERDICT;
-        if (c->handler != NULL) {
-            c->stage = ST_ABORT;
-            res = call_method(c, ST_ABORT, 0, NULL, NULL, NULL);
-            if (res == NULL)
-                (void)failsafe(c, ST_ABORT);
-            Py_XDECREF(res);
-            c->stage = ST_IDLE;
-        }
+    if ((c = (ContextObject *)smfi_getpriv(ctx)) != NULL) {
+        c->msg_verdict = NO_VERDICT; /* the transaction is over */
+        call_quietly(c, ST_ABORT);
     }
     gil_leave(gs);
     return SMFIS_CONTINUE;
@@ -1023,30 +1248,50 @@ cb_close(SMFICTX *ctx)
 {
     PyGILState_STATE gs;
     ContextObject *c;
-    PyObject *res;
 
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
-    c = (ContextObject *)smfi_getpriv(ctx);
-
-    if (c != NULL) {
-        if (c->handler != NULL) {
-            c->stage = ST_CLOSE;
-            res = call_method(c, ST_CLOSE, 0, NULL, NULL, NULL);
-            if (res == NULL)
-                (void)failsafe(c, ST_CLOSE);
-            Py_XDECREF(res);
-        }
-        c->stage = ST_IDLE;
+    if ((c = (ContextObject *)smfi_getpriv(ctx)) != NULL) {
+        call_quietly(c, ST_CLOSE);
         c->ctx = NULL;
         (void)smfi_setpriv(ctx, NULL);
         Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
+        if (park_context(ctx, c) < 0)
+            PyErr_WriteUnraisable(NULL);
         Py_DECREF(c);
     }
     gil_leave(gs);
     return SMFIS_CONTINUE;
 }
 
+/* _negotiate()'s answer: any sequence of two ints (actions, protocol). */
+static int
+two_flags(PyObject *res, unsigned long *actions, unsigned long *protocol)
+{
+    if (PySequence_Check(res) && !PyUnicode_Check(res) && !PyBytes_Check(res)
+        && PySequence_Size(res) == 2) {
+        PyObject *a = PySequence_GetItem(res, 0), *p = a ? PySequence_GetItem(res, 1) : NULL;
+        int ok = p != NULL && PyLong_Check(a) && PyLong_Check(p);
+
+        if (ok) {
+            *actions = PyLong_AsUnsignedLong(a);
+            *protocol = PyLong_AsUnsignedLong(p);
+            ok = !PyErr_Occurred();
+        }
+        Py_XDECREF(a);
+        Py_XDECREF(p);
+        if (ok)
+            return 0;
+    }
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError,
+                 "_negotiate() must return two unsigned ints (actions, protocol), not %R", res);
+    return -1;
+}
+
+/* handler._negotiate(offered_actions, offered_protocol) -> (actions, protocol).
+ * If it fails, the fail-safe verdict answers every stage of every session on
+ * this milter connection and libmilter negotiates its defaults. */
 static sfsistat
 cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
              unsigned long f3, unsigned long *pf0, unsigned long *pf1, unsigned long *pf2,
@@ -1054,48 +1299,35 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
 {
     PyGILState_STATE gs;
     ContextObject *c;
-    PyObject *res = NULL;
-    unsigned long a = 0, p = 0;
+    PyObject *res = NULL, *meth;
     sfsistat r = SMFIS_ALL_OPTS;
 
     if (!gil_enter(&gs))
         return SMFIS_TEMPFAIL; /* shutting down: libmilter drops the connection */
     c = get_context(ctx, ST_NEGOTIATE);
-
-    if (c == NULL || c->handler == NULL) {
-        if (c != NULL) {
-            c->actions = f0;
-            c->protocol = 0;
-        }
+    if (c == NULL) {
+        gil_leave(gs);
+        return SMFIS_ALL_OPTS;
+    }
+    c->actions = f0;
+    c->protocol = 0;
+    if (c->handler == NULL) {
         gil_leave(gs);
         return SMFIS_ALL_OPTS;
     }
     c->stage = ST_NEGOTIATE;
-    {
-        PyObject *meth = PyObject_GetAttr(c->handler, S.negotiate_name);
-        if (meth != NULL) {
-            res = PyObject_CallFunction(meth, "kk", f0, f1);
-            Py_DECREF(meth);
-        }
+    if ((meth = PyObject_GetAttr(c->handler, S.negotiate_name)) != NULL) {
+        res = PyObject_CallFunction(meth, "kk", f0, f1);
+        Py_DECREF(meth);
     }
-    if (res != NULL && PyArg_ParseTuple(res, "kk", &a, &p)) {
-        *pf0 = a;
-        *pf1 = p;
-        *pf2 = 0;
-        *pf3 = 0;
-        c->actions = a;
-        c->protocol = p;
+    if (res != NULL && two_flags(res, pf0, pf1) == 0) {
+        *pf2 = *pf3 = 0;
+        c->actions = *pf0;
+        c->protocol = *pf1;
         r = SMFIS_CONTINUE;
-    } else {
-        c->pending = failsafe(c, ST_NEGOTIATE);
-        c->pending_in_message = 0;
-        c->actions = f0;
-        c->protocol = 0;
-    }
+    } else
+        c->neg_verdict = c->conn_verdict = failsafe(c, ST_NEGOTIATE);
     Py_XDECREF(res);
-    (void)f1;
-    (void)f2;
-    (void)f3;
     c->stage = ST_IDLE;
     gil_leave(gs);
     return r;
@@ -1182,22 +1414,51 @@ mod_opensocket(PyObject *Py_UNUSED(m), PyObject *arg)
     return check_result(rc, "smfi_opensocket");
 }
 
-#define INT_SETTER(fname, call)                                         \
-    static PyObject *fname(PyObject *Py_UNUSED(m), PyObject *arg)       \
-    {                                                                   \
-        long v = PyLong_AsLong(arg);                                    \
-        if (v == -1 && PyErr_Occurred())                                \
-            return NULL;                                                \
-        if (v < 0 || v > INT_MAX) {                                     \
-            PyErr_SetString(PyExc_ValueError, #call ": out of range");  \
-            return NULL;                                                \
-        }                                                               \
-        return check_result(call((int)v), #call);                       \
-    }
+/* A non-negative int argument for the libmilter setter named call. */
+static int
+int_arg(PyObject *arg, const char *call, int *out)
+{
+    long v = PyLong_AsLong(arg);
 
-INT_SETTER(mod_settimeout, smfi_settimeout)
-INT_SETTER(mod_setbacklog, smfi_setbacklog)
-INT_SETTER(mod_setdbg, smfi_setdbg)
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: out of range", call);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static PyObject *
+mod_settimeout(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    int v;
+
+    if (int_arg(arg, "smfi_settimeout", &v) < 0)
+        return NULL;
+    return check_result(smfi_settimeout(v), "smfi_settimeout");
+}
+
+static PyObject *
+mod_setbacklog(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    int v;
+
+    if (int_arg(arg, "smfi_setbacklog", &v) < 0)
+        return NULL;
+    return check_result(smfi_setbacklog(v), "smfi_setbacklog");
+}
+
+static PyObject *
+mod_setdbg(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    int v;
+
+    if (int_arg(arg, "smfi_setdbg", &v) < 0)
+        return NULL;
+    return check_result(smfi_setdbg(v), "smfi_setdbg");
+}
 
 static PyObject *
 mod_setmaxdatasize(PyObject *Py_UNUSED(m), PyObject *arg)
@@ -1253,6 +1514,21 @@ mod_shutdown(PyObject *Py_UNUSED(m), PyObject *arg)
 }
 
 static PyObject *
+mod_park_limit(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    Py_ssize_t v = PyLong_AsSsize_t(arg), old = park_limit;
+
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (v < 1) {
+        PyErr_SetString(PyExc_ValueError, "_park_limit: at least 1");
+        return NULL;
+    }
+    park_limit = v;
+    return PyLong_FromSsize_t(old);
+}
+
+static PyObject *
 mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     unsigned int major = 0, minor = 0, patch = 0;
@@ -1274,14 +1550,10 @@ static PyMethodDef module_methods[] = {
     {"stop", mod_stop, METH_NOARGS, "Ask smfi_main to return."},
     {"shutdown", mod_shutdown, METH_O,
      "After main(): stop callbacks entering Python; wait up to N s for those inside."},
+    {"_park_limit", mod_park_limit, METH_O,
+     "For tests: how many closed sessions SMFIC_QUIT_NC may still resume; returns the old."},
     {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
     {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef milter_module = {
-    PyModuleDef_HEAD_INIT, "libmilter_ext._milter",
-    "Thin binding of Sendmail's libmilter; use the libmilter_ext package.", -1,
-    module_methods, NULL, NULL, NULL, NULL,
 };
 
 static const struct {
@@ -1305,50 +1577,100 @@ static const struct {
 #undef C
 };
 
-PyMODINIT_FUNC
-PyInit__milter(void)
+/* Process-wide objects, made on the first import (libmilter is one per process). */
+static int
+init_process_state(void)
 {
-    PyObject *m;
     size_t i;
 
+    if (S.parked != NULL)
+        return 0;
     if (PyType_Ready(&Context_Type) < 0)
-        return NULL;
+        return -1;
     if (pthread_key_create(&keep_key, drop_kept_state) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_key_create failed");
-        return NULL;
+        return -1;
     }
-    if ((m = PyModule_Create(&milter_module)) == NULL)
-        return NULL;
-    for (i = 0; i < sizeof constants / sizeof constants[0]; i++)
-        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
-            goto fail;
     for (i = 1; i < ST_COUNT; i++)
         if ((S.method_names[i] = PyUnicode_InternFromString(stage_names[i])) == NULL)
-            goto fail;
+            return -1;
     if ((S.negotiate_name = PyUnicode_InternFromString("_negotiate")) == NULL)
-        goto fail;
+        return -1;
     S.error = PyErr_NewExceptionWithDoc("libmilter_ext._milter.MilterError",
                                         "A libmilter call failed.", NULL, NULL);
     if (S.error == NULL)
-        goto fail;
-    Py_INCREF(S.error);
-    if (PyModule_AddObject(m, "MilterError", S.error) < 0)
-        goto fail;
+        return -1;
     S.stage_error = PyErr_NewExceptionWithDoc(
         "libmilter_ext._milter.StageError",
         "An action was used where libmilter does not allow it.", S.error, NULL);
     if (S.stage_error == NULL)
-        goto fail;
-    Py_INCREF(S.stage_error);
-    if (PyModule_AddObject(m, "StageError", S.stage_error) < 0)
-        goto fail;
-    Py_INCREF(&Context_Type);
-    if (PyModule_AddObject(m, "Context", (PyObject *)&Context_Type) < 0) {
-        Py_DECREF(&Context_Type);
-        goto fail;
+        return -1;
+    return (S.parked = PyDict_New()) == NULL ? -1 : 0;
+}
+
+static int
+add_ref(PyObject *m, const char *name, PyObject *obj)
+{
+    Py_INCREF(obj);
+    if (PyModule_AddObject(m, name, obj) < 0) {
+        Py_DECREF(obj);
+        return -1;
     }
-    return m;
-fail:
-    Py_DECREF(m);
-    return NULL;
+    return 0;
+}
+
+static int
+milter_exec(PyObject *m)
+{
+    PyObject *atexit, *shutdown, *res;
+    size_t i;
+
+    /* libmilter calls back into one interpreter: the main one, whose factory
+     * and handlers these are.  (3.12+ also refuses through the slot below.) */
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "libmilter_ext._milter cannot be imported in a sub-interpreter: "
+                        "libmilter is one per process and calls the main interpreter");
+        return -1;
+    }
+    if (init_process_state() < 0)
+        return -1;
+    for (i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
+            return -1;
+    if (add_ref(m, "MilterError", S.error) < 0 || add_ref(m, "StageError", S.stage_error) < 0
+        || add_ref(m, "Context", (PyObject *)&Context_Type) < 0)
+        return -1;
+    /* Close the gate before finalization even when main() never gets to. */
+    if ((atexit = PyImport_ImportModule("atexit")) == NULL)
+        return -1;
+    shutdown = PyObject_GetAttrString(m, "shutdown");
+    res = shutdown ? PyObject_CallMethod(atexit, "register", "Od", shutdown, 1.0) : NULL;
+    Py_XDECREF(shutdown);
+    Py_DECREF(atexit);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+static PyModuleDef_Slot milter_slots[] = {
+    {Py_mod_exec, milter_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef milter_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "libmilter_ext._milter",
+    .m_doc = "Thin binding of Sendmail's libmilter; use the libmilter_ext package.",
+    .m_size = 0,
+    .m_methods = module_methods,
+    .m_slots = milter_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__milter(void)
+{
+    return PyModuleDef_Init(&milter_module);
 }

@@ -1,0 +1,182 @@
+"""Test milters for the edges of libmilter_ext: carried verdicts, SKIP, failing hooks.
+
+Usage: edges.py SOCKET_SPEC MODE [PARK_LIMIT], MODE one of
+
+  noreply   connect, helo, envfrom, header and body negotiated without reply;
+            envrcpt, data and eoh reply.  The client hostname, HELO name and
+            MAIL FROM local part pick a verdict ("reject", "tempfail", "accept",
+            "raise"); a body chunk starting with b"skip" answers SKIP.
+  replying  every stage replies; body() answers SKIP for a chunk starting with
+            b"skip"; MAIL FROM <skip@...> answers SKIP from envfrom();
+            <exit@...> raises and on_exception raises SystemExit;
+            <hook99@...> raises and on_exception returns 99; <euro@...>
+            rejects with a reply line of 400 euro signs.
+  listneg   like replying, _negotiate() answers a list
+  shortneg  like replying, _negotiate() answers a list of one int
+  badfilter like replying, the header filter bytes lack their terminator
+  rawhook   like replying, but registered with the C module's own error hook
+            directly: <exit@...> makes the hook raise SystemExit, <hook99@...>
+            makes it return 99.
+
+Every mode answers eom with X-Handler (a number per handler object), X-Headers
+(the header names it saw) and X-Chunks (body chunks seen).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+
+import libmilter_ext as lm
+
+VERDICTS = {"reject": lm.REJECT, "tempfail": lm.TEMPFAIL, "accept": lm.ACCEPT,
+            "discard": lm.DISCARD}
+_serial = itertools.count(1)
+
+
+def _verdict(word: str) -> int:
+    if word == "raise":
+        raise RuntimeError(f"asked to raise ({word})")
+    return VERDICTS.get(word, lm.CONTINUE)
+
+
+class Replying(lm.Milter):
+    header_names = frozenset({"Subject", "X-Wanted"})
+
+    def __init__(self) -> None:
+        self.serial = next(_serial)
+        self.headers: list[str] = []
+        self.chunks = 0
+        self.local = ""
+
+    def connect(self, hostname, family, hostaddr):
+        return _verdict(hostname.split(".")[0])
+
+    def helo(self, name):
+        return _verdict(name.split(".")[0])
+
+    def envfrom(self, sender, *params):
+        self.headers, self.chunks = [], 0
+        self.local = sender.strip("<>").split("@")[0]
+        if self.local == "skip":
+            return lm.SKIP
+        if self.local in ("exit", "hook99"):
+            raise RuntimeError(f"envfrom raised for {self.local}")
+        if self.local == "euro":
+            self.setreply("550", "5.7.1", "\u20ac" * 400, "100% sure")
+            return lm.REJECT
+        return _verdict(self.local)
+
+    def envrcpt(self, recipient, *params):
+        return lm.CONTINUE
+
+    def data(self):
+        return lm.CONTINUE
+
+    def header(self, name, value):
+        print(f"header {name}: {value}", flush=True)
+        self.headers.append(name)
+        return _verdict(value)
+
+    def eoh(self):
+        return lm.CONTINUE
+
+    def body(self, chunk):
+        self.chunks += 1
+        return lm.SKIP if chunk.startswith(b"skip") else lm.CONTINUE
+
+    def eom(self):
+        self.addheader("X-Handler", str(self.serial))
+        self.addheader("X-Headers", ",".join(self.headers))
+        self.addheader("X-Chunks", str(self.chunks))
+        return lm.CONTINUE
+
+    def on_exception(self, stage, exc):
+        if self.local == "exit":
+            raise SystemExit(3)
+        if self.local == "hook99":
+            return 99
+        return super().on_exception(stage, exc)
+
+    def close(self):
+        print(f"close {self.serial}", flush=True)
+
+
+class NoReply(Replying):
+    @lm.noreply
+    def connect(self, hostname, family, hostaddr):
+        return super().connect(hostname, family, hostaddr)
+
+    @lm.noreply
+    def helo(self, name):
+        return super().helo(name)
+
+    @lm.noreply
+    def envfrom(self, sender, *params):
+        return super().envfrom(sender, *params)
+
+    @lm.noreply
+    def header(self, name, value):
+        return super().header(name, value)
+
+    @lm.noreply
+    def body(self, chunk):
+        return super().body(chunk)
+
+
+class ListNegotiation(Replying):
+    """_negotiate answers a list, as a subclass may well do."""
+
+    def _negotiate(self, offered_actions, offered_protocol):
+        return list(super()._negotiate(offered_actions, offered_protocol))
+
+
+class ShortNegotiation(Replying):
+    def _negotiate(self, offered_actions, offered_protocol):
+        return [super()._negotiate(offered_actions, offered_protocol)[0]]
+
+
+class BadFilter(Replying):
+    """Hands the C layer a header filter without its terminator."""
+
+    @classmethod
+    def _header_filter(cls):
+        return b"subject"
+
+
+MODES = {"noreply": NoReply, "replying": Replying, "listneg": ListNegotiation,
+         "shortneg": ShortNegotiation, "badfilter": BadFilter}
+
+
+def raw_hook(handler, stage, exc):
+    """An error hook given straight to the C module: misbehaves on request."""
+    local = getattr(handler, "local", "")
+    if local == "exit":
+        raise SystemExit(4)
+    if local == "hook99":
+        return 99
+    return lm.TEMPFAIL
+
+
+def main() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+    spec, mode = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:  # how many closed sessions SMFIC_QUIT_NC may resume
+        lm._milter._park_limit(int(sys.argv[3]))
+    if mode == "rawhook":
+        def make(ctx):
+            milter = Replying()
+            milter._ctx = ctx
+            return milter
+        lm._milter.register("edges", make, raw_hook, lm.ALL_ACTIONS | lm.SMFIF_SETSYMLIST)
+        lm.settimeout(30)
+        lm.open_socket(spec)
+        lm.main()
+    else:
+        lm.run(MODES[mode], spec, "edges", timeout=30)
+    print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()
