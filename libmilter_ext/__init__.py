@@ -20,10 +20,12 @@ callback is logged and answered with :attr:`Milter.failsafe`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import socket as _socket
 import threading
+import time
 from typing import Any, Callable, ClassVar
 
 try:
@@ -444,6 +446,49 @@ def _restore_signals() -> None:
     _Control.previous = {}
 
 
+def _sigwaiting_threads() -> list[int]:
+    """Linux ids of this process's threads blocked in sigwait, other than Python's."""
+    ours = {t.native_id for t in threading.enumerate()}
+    found = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for name in tids:
+        try:
+            with open(f"/proc/self/task/{name}/wchan") as fh:
+                wchan = fh.read()
+        except OSError:
+            continue
+        if "sigtimedwait" in wchan and int(name) not in ours:
+            found.append(int(name))
+    return found
+
+
+def _disarm_libmilter_signals(running: threading.Thread, timeout: float = 5.0) -> None:
+    """Cancel libmilter's signal thread once smfi_main has started it.
+
+    It sigwaits SIGHUP/SIGTERM/SIGINT and stops the milter on any of them; the
+    kernel gives it a signal whenever the main thread has another one pending.
+    With it gone, only Python's handlers see those signals.
+    """
+    deadline = time.monotonic() + timeout
+    while running.is_alive() and time.monotonic() < deadline:
+        tids = _sigwaiting_threads()
+        if len(tids) == 1:
+            try:
+                if _milter.disarm_signal_thread(tids[0]):
+                    log.debug("libmilter's signal thread %d cancelled", tids[0])
+                    return
+            except OSError as exc:
+                log.warning("cannot cancel libmilter's signal thread: %s", exc)
+                return
+        time.sleep(0.005)
+    if running.is_alive():
+        log.warning("libmilter's signal thread not found: a SIGHUP that arrives while"
+                    " another signal is pending may stop the milter")
+
+
 def _check_thread() -> bool:
     """True in the main thread; elsewhere refuse unless signals are already taken.
 
@@ -467,7 +512,8 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
 
     smfi_main runs in a helper thread so that the Python main thread keeps
     receiving signals: SIGHUP calls on_hup (e.g. reload a config) instead of
-    stopping the milter, which is what libmilter alone would do.  From another
+    stopping the milter, which is what libmilter alone would do; libmilter's own
+    signal thread, which would stop it, is cancelled once started.  From another
     thread, main() serves only after handle_signals() ran in the main thread
     (else RuntimeError); it then returns in that thread on SIGTERM/SIGINT.
     """
@@ -488,13 +534,11 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
         if _Control.stop_requested:
             return
         _Control.running = True
-        if not in_main_thread:
-            loop()
-        else:
-            thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
-            thread.start()
-            while thread.is_alive():
-                thread.join(0.5)
+        thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
+        thread.start()
+        _disarm_libmilter_signals(thread)
+        while thread.is_alive():
+            thread.join(0.5)
     finally:
         _Control.running = False
         if in_main_thread:
