@@ -507,6 +507,38 @@ class MilterClient:
         self._sendall(_macro_packet(P.SMFIC_BODYEOB, macros) + _packet(P.SMFIC_BODYEOB), "eom")
         return self._read_reply("eom", modifications=True)
 
+    def stray(self) -> bytes:
+        """Bytes the milter sent that no reply took up, read without waiting.
+
+        Replies arrive in order, so after a command's reply anything sent before
+        it is already here: a non-empty result means the milter answered a stage
+        it should not have (a no-reply stage, an abort) or answered twice.
+        """
+        sock = self._sock
+        if sock is None:
+            raise MilterError(f"{self.socket_spec}: connection is not open (stray)")
+        extra = bytes(self._buf)
+        self._buf.clear()
+        sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    chunk = sock.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    return extra
+                except OSError as exc:
+                    self._drop()
+                    raise MilterError(
+                        f"{self.socket_spec}: reading stray replies failed: "
+                        f"{_oserror_text(exc)}"
+                    ) from exc
+                if not chunk:
+                    return extra
+                extra += chunk
+        finally:
+            if self._sock is not None:
+                sock.settimeout(self.timeout)
+
     def abort(self) -> None:
         """Abort the current message (SMFIC_ABORT; the milter does not reply)."""
         self._sendall(_packet(P.SMFIC_ABORT), "abort")
@@ -514,10 +546,12 @@ class MilterClient:
     def quit_nc(self) -> None:
         """End the SMTP connection but keep the milter connection (SMFIC_QUIT_NC).
 
-        Only valid after a session (after ``eom()``, ``abort()`` or a stage
-        verdict), not straight after ``open()``.  The next command must be
-        ``connect()``: a new SMTP session over the same milter connection, as
-        an MTA that reuses milter connections does.
+        The next command must be ``connect()``: a new SMTP session over the
+        same milter connection, as an MTA that reuses milter connections does.
+        libmilter takes it only after an ``eom()`` answered ``continue`` or
+        after ``unknown()``; anywhere else it ignores QUIT_NC and the CONNECT
+        that follows, which then times out here.  (Neither Sendmail 8.18 nor
+        Postfix sends QUIT_NC.)
         """
         self._sendall(_packet(P.SMFIC_QUIT_NC), "quit_nc")
 
