@@ -12,9 +12,13 @@ milter once the peer stops sending (no thread left waiting); every
 well-formed command gets its answer and nothing more; right after each
 example a fresh well-formed session gets the right answers; RSS stays flat.
 
+A second property compares an SMTP session played after QUIT_NC with the
+same session on a fresh milter connection: the answers must be the same.
+
 The suite runs a bounded, derandomized number of examples;
 ``LIBMILTER_EXT_FUZZ_EXAMPLES=20000`` makes a long run by hand (it prints
-its case count, duration and RSS).
+its case count, duration and RSS); ``LIBMILTER_EXT_FUZZ_SHRINK=1`` shrinks
+a failing example (slow: a missing answer costs the reply timeout).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from libmilter_ext import protocol as P
@@ -43,6 +47,8 @@ EXAMPLES = int(os.environ.get("LIBMILTER_EXT_FUZZ_EXAMPLES", "120"))
 # How long a reply or the milter's hang-up may take; well under the milter's
 # own MTA timeout (30 s), so a thread stuck until that timeout fails here.
 WAIT = 10.0
+# Shrinking a failure costs up to WAIT per step: only when asked for.
+PHASES = [p for p in Phase if p != Phase.shrink or os.environ.get("LIBMILTER_EXT_FUZZ_SHRINK")]
 # RSS growth allowed over the whole run, after a warm-up.
 RSS_SLACK_KIB = 6 * 1024
 
@@ -182,13 +188,16 @@ example = st.lists(connection, min_size=1, max_size=4)
 
 
 class Trace:
-    """Every well-formed command and its answer, for the failure message."""
+    """Every well-formed command and its answer: for failure messages and comparisons."""
 
     def __init__(self) -> None:
         self.steps: list[str] = []
+        self.answers: list[tuple[object, ...]] = []
 
     def __call__(self, response: Response) -> Response:
         self.steps.append(f"{response.stage}:{response.action}")
+        self.answers.append((response.stage, response.action, response.code, response.xcode,
+                             response.text, response.modifications))
         return response
 
 
@@ -246,6 +255,20 @@ def play_transaction(client: MilterClient, t: Txn, trace: Trace) -> None:
     go(client.eom(macros={"i": "QID"}))
 
 
+def play_smtp(client: MilterClient, s: Smtp, trace: Trace) -> None:
+    """One SMTP session on an open milter connection."""
+    address = None if s.family == "U" else ("2001:db8::9" if s.family == "6" else "192.0.2.9")
+    if not trace(client.connect(s.hostname, address, 4000, s.family,
+                                {"j": "mx.test"})).continues:
+        return
+    if s.helo is not None and not trace(client.helo(s.helo)).continues:
+        return
+    if s.unknown is not None:
+        trace(client.unknown(s.unknown))
+    for t in s.txns:
+        play_transaction(client, t, trace)
+
+
 def play_mta(spec: str, sessions: list[Smtp], trace: Trace) -> None:
     client = MilterClient(spec, timeout=WAIT)
     client.open()
@@ -259,17 +282,7 @@ def play_mta(spec: str, sessions: list[Smtp], trace: Trace) -> None:
                 client.close()
                 client.open()
                 trace.steps.append("reopen")
-            address = None if s.family == "U" else ("2001:db8::9" if s.family == "6"
-                                                     else "192.0.2.9")
-            if not trace(client.connect(s.hostname, address, 4000, s.family,
-                                        {"j": "mx.test"})).continues:
-                continue
-            if s.helo is not None and not trace(client.helo(s.helo)).continues:
-                continue
-            if s.unknown is not None:
-                trace(client.unknown(s.unknown))
-            for t in s.txns:
-                play_transaction(client, t, trace)
+            play_smtp(client, s, trace)
         stray = client.stray()
         assert stray == b"", f"replies nobody asked for: {stray!r} after {trace.steps}"
     finally:
@@ -378,7 +391,8 @@ def test_fuzz_wire_protocol(milter: Daemon) -> None:
     cases = 0
 
     @settings(max_examples=EXAMPLES, derandomize=EXAMPLES <= 1000, deadline=None,
-              database=None, suppress_health_check=list(HealthCheck), print_blob=True)
+              database=None, suppress_health_check=list(HealthCheck), print_blob=True,
+              phases=PHASES)
     @given(example)
     def prop(connections: list[tuple[str, object]]) -> None:
         nonlocal cases
@@ -392,3 +406,39 @@ def test_fuzz_wire_protocol(milter: Daemon) -> None:
     print(f"\nfuzz: {cases} cases in {time.monotonic() - started:.1f}s, "
           f"RSS {rss_start} -> {rss_end} KiB")
     assert rss_end - rss_start < RSS_SLACK_KIB, f"RSS grew {rss_end - rss_start} KiB"
+
+
+# A transaction that ends in eom answered continue, so that QUIT_NC may follow.
+CLEAN_END = Txn("a", ["rcpt"], [], [b"x"], None)
+
+
+def test_fuzz_session_after_quit_nc_answers_as_on_a_fresh_connection(milter: Daemon) -> None:
+    """QUIT_NC keeps the milter connection for a new SMTP session: that session's
+    answers (verdicts, replies, modifications) must be those of a fresh connection."""
+
+    @settings(max_examples=max(EXAMPLES // 2, 10), derandomize=EXAMPLES <= 1000,
+              deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=PHASES)
+    @given(st.lists(smtp.filter(lambda s: s.txns), min_size=2, max_size=3))
+    def prop(sessions: list[Smtp]) -> None:
+        reused: list[Trace] = []
+        with MilterClient(milter.spec, timeout=WAIT) as client:
+            for n, s in enumerate(sessions):
+                if n:
+                    assert quit_nc_allowed(reused[-1]), (
+                        f"a plain transaction did not end in eom:continue: {reused[-1].steps}")
+                    client.quit_nc()
+                trace = Trace()
+                play_smtp(client, s, trace)
+                if n < len(sessions) - 1 and trace.answers[0][1] == "continue":
+                    play_transaction(client, CLEAN_END, trace)
+                reused.append(trace)
+            assert client.stray() == b""
+        for s, trace in zip(sessions, reused):
+            fresh = Trace()
+            with MilterClient(milter.spec, timeout=WAIT) as client:
+                play_smtp(client, s, fresh)
+            assert fresh.answers == trace.answers[:len(fresh.answers)], (
+                f"after QUIT_NC: {trace.steps}\non a fresh connection: {fresh.steps}")
+
+    prop()
