@@ -47,6 +47,9 @@ EXAMPLES = int(os.environ.get("LIBMILTER_EXT_FUZZ_EXAMPLES", "120"))
 # How long a reply or the milter's hang-up may take; well under the milter's
 # own MTA timeout (30 s), so a thread stuck until that timeout fails here.
 WAIT = 10.0
+# LIBMILTER_EXT_FUZZ_REUSE=0: well-formed MTAs never send QUIT_NC (a long run
+# that hunts other defects while a QUIT_NC one is open).
+REUSE = os.environ.get("LIBMILTER_EXT_FUZZ_REUSE", "1") != "0"
 # Shrinking a failure costs up to WAIT per step: only when asked for.
 PHASES = [p for p in Phase if p != Phase.shrink or os.environ.get("LIBMILTER_EXT_FUZZ_SHRINK")]
 # RSS growth allowed over the whole run, after a warm-up.
@@ -274,7 +277,7 @@ def play_mta(spec: str, sessions: list[Smtp], trace: Trace) -> None:
     client.open()
     try:
         for n, s in enumerate(sessions):
-            if n and quit_nc_allowed(trace):
+            if n and REUSE and quit_nc_allowed(trace):
                 client.quit_nc()
                 trace.steps.append("quit_nc")
             elif n:  # a new milter connection, as an MTA does after QUIT
@@ -355,6 +358,8 @@ def milter() -> Iterator[Daemon]:
             yield d
             assert d.proc.poll() is None
             assert d.stop() == 0
+            for sign in ("Fatal Python error", "SystemError", "Segmentation fault"):
+                assert sign not in d.stderr()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
