@@ -169,7 +169,7 @@ def test_hundreds_of_sighups_under_load_never_stop_the_milter(workdir: Path) -> 
             # hands SIGHUP to any other thread that waits for it.
             os.kill(pid, signal.SIGUSR1)
             os.kill(pid, signal.SIGHUP)
-            _wait_for(lambda n=n: milter.stdout().count("hup\n") >= n)
+            _wait_for(lambda n=n: milter.stdout().count("hup") >= n)
             assert milter.proc.poll() is None, f"milter died after {n} SIGHUPs"
         stop.set()
         for client in clients:
@@ -177,10 +177,11 @@ def test_hundreds_of_sighups_under_load_never_stop_the_milter(workdir: Path) -> 
         assert errors == []
         assert len(done) == 4 and all(count > 0 for count in done), done
         # every connection completed, close() included
-        _wait_for(lambda: milter.stdout().count("close\n") == sum(done))
+        # (counted as words: prints from the workers and the main thread interleave)
+        _wait_for(lambda: milter.stdout().count("close") == sum(done))
     finally:
         stop.set()
         code = milter.stop(signal.SIGTERM)
-    assert milter.stdout().count("hup\n") == HUP_ROUNDS
-    assert code == 0 and milter.stdout().endswith("stopped\n")
-    assert "stopped" not in milter.stdout()[:-len("stopped\n")]
+    assert milter.stdout().count("hup") == HUP_ROUNDS
+    assert code == 0 and milter.stdout().count("stopped") == 1
+    assert milter.stdout().endswith("stopped\n")
