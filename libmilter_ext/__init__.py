@@ -20,13 +20,24 @@ callback is logged and answered with :attr:`Milter.failsafe`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import socket as _socket
 import threading
+import time
 from typing import Any, Callable, ClassVar
 
-from . import _milter
+try:
+    import libmilter_ext._milter as _milter
+except ImportError as _exc:
+    # Without libmilter the MTA side (testing, protocol) still works; serving a
+    # milter then raises ImportError naming this cause.
+    from . import _unbuilt
+
+    if not _unbuilt.explains(_exc, __name__):
+        raise
+    _milter = _unbuilt.stand_in(_exc, __name__)
 from ._milter import (  # noqa: F401  (re-exported)
     SMFIF_ADDHDRS,
     SMFIF_ADDRCPT,
@@ -482,7 +493,11 @@ def stop() -> None:
 
 def _on_signal(signum: int, frame: Any) -> None:
     if signum == signal.SIGHUP and _Control.on_hup is not None:
-        _Control.on_hup()
+        try:
+            _Control.on_hup()
+        except Exception:  # a failed reload must not take the milter down
+            log.exception("SIGHUP handler %s failed; still serving",
+                          getattr(_Control.on_hup, "__qualname__", _Control.on_hup))
     else:
         stop()
 
@@ -491,7 +506,9 @@ def handle_signals(*, on_hup: Callable[[], None] | None = None) -> None:
     """Take SIGTERM/SIGINT (stop) and SIGHUP (on_hup, or stop) now.
 
     main() does this itself; call it earlier (before opening the socket, say) so
-    that a SIGTERM during start-up also ends in a clean stop.
+    that a SIGTERM during start-up also ends in a clean stop.  Only the main
+    thread can take signals: to serve from another thread, call this first in
+    the main thread.  An exception in on_hup is logged and the milter goes on.
     """
     _Control.on_hup = on_hup
     for sig in _SIGNALS:
@@ -506,16 +523,82 @@ def _restore_signals() -> None:
     _Control.previous = {}
 
 
+def _sigwaiting_threads() -> list[int]:
+    """Linux ids of this process's threads blocked in sigwait, other than Python's."""
+    ours = {t.native_id for t in threading.enumerate()}
+    found = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for name in tids:
+        try:
+            with open(f"/proc/self/task/{name}/wchan") as fh:
+                wchan = fh.read()
+        except OSError:
+            continue
+        if "sigtimedwait" in wchan and int(name) not in ours:
+            found.append(int(name))
+    return found
+
+
+def _disarm_libmilter_signals(running: threading.Thread, timeout: float = 5.0) -> None:
+    """Cancel libmilter's signal thread once smfi_main has started it.
+
+    It sigwaits SIGHUP/SIGTERM/SIGINT and stops the milter on any of them; the
+    kernel gives it a signal whenever the main thread has another one pending.
+    With it gone, only Python's handlers see those signals.
+    """
+    deadline = time.monotonic() + timeout
+    while running.is_alive() and time.monotonic() < deadline:
+        tids = _sigwaiting_threads()
+        if len(tids) == 1:
+            try:
+                if _milter.disarm_signal_thread(tids[0]):
+                    log.debug("libmilter's signal thread %d cancelled", tids[0])
+                    return
+            except OSError as exc:
+                log.warning("cannot cancel libmilter's signal thread: %s", exc)
+                return
+        time.sleep(0.005)
+    if running.is_alive():
+        log.warning("libmilter's signal thread not found: a SIGHUP that arrives while"
+                    " another signal is pending may stop the milter")
+
+
+def _check_thread() -> bool:
+    """True in the main thread; elsewhere refuse unless signals are already taken.
+
+    libmilter blocks SIGTERM/SIGINT/SIGHUP in the thread that serves, so if the
+    main thread does not take them in Python they kill the process (SIGTERM:
+    exit -15, no close(), socket left behind).
+    """
+    if threading.current_thread() is threading.main_thread():
+        return True
+    if signal.getsignal(signal.SIGTERM) is not _on_signal:
+        raise RuntimeError(
+            "libmilter_ext: serving from a thread other than the main thread needs "
+            "libmilter_ext.handle_signals() called in the main thread first; without it "
+            "SIGTERM, SIGINT and SIGHUP would kill the process instead of stopping the milter"
+        )
+    return False
+
+
 def main(*, on_hup: Callable[[], None] | None = None) -> None:
     """Run libmilter's loop until stopped; SIGTERM/SIGINT stop it.
 
     smfi_main runs in a helper thread so that the Python main thread keeps
     receiving signals: SIGHUP calls on_hup (e.g. reload a config) instead of
-    stopping the milter, which is what libmilter alone would do.
+    stopping the milter, which is what libmilter alone would do; libmilter's own
+    signal thread, which would stop it, is cancelled once started.  From another
+    thread, main() serves only after handle_signals() ran in the main thread
+    (else RuntimeError); it then returns in that thread on SIGTERM/SIGINT.
     """
-    in_main_thread = threading.current_thread() is threading.main_thread()
+    in_main_thread = _check_thread()
     if in_main_thread:
         handle_signals(on_hup=on_hup if on_hup is not None else _Control.on_hup)
+    elif on_hup is not None:
+        _Control.on_hup = on_hup
     errors: list[BaseException] = []
 
     def loop() -> None:
@@ -528,13 +611,11 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
         if _Control.stop_requested:
             return
         _Control.running = True
-        if not in_main_thread:
-            loop()
-        else:
-            thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
-            thread.start()
-            while thread.is_alive():
-                thread.join(0.5)
+        thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
+        thread.start()
+        _disarm_libmilter_signals(thread)
+        while thread.is_alive():
+            thread.join(0.5)
     finally:
         _Control.running = False
         if in_main_thread:
@@ -551,7 +632,10 @@ def run(factory: Callable[[], Milter], socket: str, name: str, *, timeout: int =
     """Register, open the socket and serve until SIGTERM/SIGINT.
 
     socket: "unix:/path" (or "local:"), "inet:PORT@HOST", "inet6:PORT@HOST".
+    Call it from the main thread, or from another one after handle_signals()
+    in the main thread (see main()); otherwise RuntimeError, before anything opens.
     """
+    _check_thread()
     register(factory, name)
     settimeout(timeout)
     if backlog is not None:

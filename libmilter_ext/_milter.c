@@ -19,9 +19,13 @@
 #include <Python.h>
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <strings.h>
@@ -1537,6 +1541,73 @@ mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
     return Py_BuildValue("(III)", major, minor, patch);
 }
 
+/*
+ * libmilter's signal thread sigwait()s for SIGHUP/SIGTERM/SIGINT and stops the
+ * milter on any of them.  The Python main thread takes those signals (SIGHUP is
+ * a reload), but when it already has another signal pending the kernel hands a
+ * new one to the sigwaiting thread instead.  disarm_signal_thread(tid) cancels
+ * that thread (sigwait is a cancellation point): a thread-directed probe signal
+ * tells us its pthread_t from inside it.  Linux only.
+ */
+static atomic_long probe_tid;
+static atomic_int probe_seen;
+static pthread_t probe_thread;
+
+static void
+probe_handler(int Py_UNUSED(sig))
+{
+    if ((long)syscall(SYS_gettid) == atomic_load(&probe_tid)) {
+        probe_thread = pthread_self();
+        atomic_store(&probe_seen, 1);
+    }
+}
+
+static PyObject *
+mod_disarm_signal_thread(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long tid = PyLong_AsLong(arg);
+    struct sigaction probe, old;
+    struct timespec pause = {0, 1000000}, deadline;
+    int sig = SIGRTMAX, rc = 0, seen;
+
+    if (tid == -1 && PyErr_Occurred())
+        return NULL;
+    memset(&probe, 0, sizeof probe);
+    probe.sa_handler = probe_handler;
+    sigemptyset(&probe.sa_mask);
+    if (sigaction(sig, &probe, &old) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    atomic_store(&probe_seen, 0);
+    atomic_store(&probe_tid, tid);
+    Py_BEGIN_ALLOW_THREADS
+    if (syscall(SYS_tgkill, (long)getpid(), tid, sig) != 0)
+        rc = errno;
+    for (int ms = 0; rc == 0 && !atomic_load(&probe_seen) && ms < 2000; ms++)
+        nanosleep(&pause, NULL);
+    seen = atomic_load(&probe_seen);
+    if (seen) {
+        rc = pthread_cancel(probe_thread);
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += 2;
+        if (rc == 0)
+            rc = pthread_timedjoin_np(probe_thread, NULL, &deadline);
+    }
+    Py_END_ALLOW_THREADS
+    /* A probe still pending must not meet SIG_DFL (which would kill us). */
+    if (seen || rc != 0)
+        sigaction(sig, &old, NULL);
+    else {
+        probe.sa_handler = SIG_IGN;
+        sigaction(sig, &probe, NULL);
+    }
+    atomic_store(&probe_tid, 0);
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(seen);
+}
+
 static PyMethodDef module_methods[] = {
     {"register", (PyCFunction)(void (*)(void))mod_register, METH_VARARGS | METH_KEYWORDS,
      "register(name, factory, error_hook=None, flags=0): smfi_register with every callback."},
@@ -1553,6 +1624,8 @@ static PyMethodDef module_methods[] = {
     {"_park_limit", mod_park_limit, METH_O,
      "For tests: how many closed sessions SMFIC_QUIT_NC may still resume; returns the old."},
     {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
+    {"disarm_signal_thread", mod_disarm_signal_thread, METH_O,
+     "Cancel libmilter's signal thread, given its Linux thread id; True if done."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,7 +8,7 @@ from email.feedparser import BytesFeedParser
 from email.message import EmailMessage
 from typing import IO
 
-from . import CONTINUE, Milter
+from . import CONTINUE, SMFIP_HDR_LEADSPC, Milter
 
 SPOOL_MEMORY_LIMIT = 1 << 20  # bytes kept in memory before spooling to disk
 
@@ -19,7 +19,8 @@ class MessageMilter(Milter):
     Lines end in "\n" in the parsed message, as the email package expects.
 
     Header values arrive from the MTA as text with 8-bit bytes escaped; they are
-    written back as the original bytes, so the parsed message matches what was sent.
+    written back as the original bytes, so the parsed message matches what was sent
+    (with ``protocol = SMFIP_HDR_LEADSPC`` byte for byte, blanks after the colon included).
     """
 
     spool_limit: int = SPOOL_MEMORY_LIMIT
@@ -35,7 +36,9 @@ class MessageMilter(Milter):
         return CONTINUE
 
     def header(self, name: str, value: str) -> int:
-        self._spool().write(_raw(name) + b": " + _raw(value) + b"\r\n")
+        # With SMFIP_HDR_LEADSPC the value keeps what followed the colon as is.
+        colon = b":" if self._ctx.protocol & SMFIP_HDR_LEADSPC else b": "
+        self._spool().write(_raw(name) + colon + _raw(value) + b"\r\n")
         return CONTINUE
 
     def eoh(self) -> int:
@@ -71,6 +74,12 @@ class MessageMilter(Milter):
     def message(self, msg: EmailMessage) -> int:
         """The complete message; return a verdict (actions are allowed here)."""
         return CONTINUE
+
+    def raw(self) -> IO[bytes]:
+        """The message as received (CRLF line ends), from its start; only in message()."""
+        spool = self._spool()
+        spool.seek(0)
+        return spool
 
     def replace_body(self, body: bytes) -> None:
         """Replace the message body (in eom), in chunks libmilter accepts."""

@@ -57,7 +57,7 @@ _VERDICTS = {
     P.SMFIR_SHUTDOWN: "shutdown",
     P.SMFIR_CONN_FAIL: "connfail",
 }
-_CONTINUING = frozenset({"continue", "noreply", "skipped", "skip"})
+_CONTINUING = frozenset({"continue", "noreply", "skipped"})
 _XCODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?= |$)")
 
 
@@ -96,7 +96,8 @@ class Response:
 
     ``action`` is the verdict: ``continue``, ``accept``, ``reject``,
     ``tempfail``, ``discard``, ``replycode`` (an SMTP reply in ``code``,
-    ``xcode``, ``text``), ``skip``, ``shutdown`` (421) or ``connfail`` -- or,
+    ``xcode``, ``text``), ``skip`` (send no more body: the MTA goes on with end
+    of message; it does not ``continue``), ``shutdown`` (421) or ``connfail`` -- or,
     with nothing read, ``noreply`` (stage negotiated without reply) and
     ``skipped`` (stage negotiated away or nothing to send).  ``lines`` are the
     reply's text lines without the code prefixes; ``text`` joins them with
@@ -115,7 +116,7 @@ class Response:
 
     @property
     def continues(self) -> bool:
-        """True when an MTA would go on with the transaction."""
+        """True when an MTA would go on with the transaction (not for ``skip``)."""
         return self.action in _CONTINUING
 
     @property
@@ -272,7 +273,8 @@ class MilterClient:
     """One MTA-to-milter connection speaking protocol version 6.
 
     ``actions`` and ``protocol`` are what this "MTA" offers in option
-    negotiation (by default everything).  After ``open()``, ``version``,
+    negotiation (by default everything; 0 means the version 1 defaults
+    ``SMFI_V1_ACTS``/``SMFI_V1_PROT``, as libmilter reads it).  After ``open()``, ``version``,
     ``actions`` and ``protocol`` hold what the milter asked for and
     ``macro_requests`` maps a macro stage (``protocol.SMFIM_*``) to the macro
     names the milter requested with ``smfi_setsymlist``.
@@ -380,12 +382,15 @@ class MilterClient:
         version, actions, protocol = _U32X3.unpack_from(data)
         if not _MIN_VERSION <= version <= P.SMFI_PROT_VERSION:
             raise MilterError(f"{self.socket_spec}: milter speaks protocol version {version}")
-        if actions & ~self.offered_actions:
-            extra = P.flag_names(actions & ~self.offered_actions, "SMFIF_")
+        # libmilter reads an offer of 0 as the version 1 defaults (engine.c).
+        offered_actions = self.offered_actions or P.SMFI_V1_ACTS
+        offered_protocol = self.offered_protocol or P.SMFI_V1_PROT
+        if actions & ~offered_actions:
+            extra = P.flag_names(actions & ~offered_actions, "SMFIF_")
             raise MilterError(f"{self.socket_spec}: milter wants actions not offered: {extra}")
         wanted = protocol & ~P.SMFI_INTERNAL
-        if wanted & ~self.offered_protocol:
-            extra = P.flag_names(wanted & ~self.offered_protocol, "SMFIP_")
+        if wanted & ~offered_protocol:
+            extra = P.flag_names(wanted & ~offered_protocol, "SMFIP_")
             raise MilterError(
                 f"{self.socket_spec}: milter wants protocol flags not offered: {extra}"
             )
@@ -457,11 +462,12 @@ class MilterClient:
         """Send one header field; ``bytes`` values go out unchanged (8-bit headers).
 
         ``value`` is what follows the colon.  Unless the milter negotiated
-        SMFIP_HDR_LEADSPC, leading blanks are dropped as an MTA does.
+        SMFIP_HDR_LEADSPC, one leading space is dropped, as Sendmail does
+        (other blanks, a tab say, stay).
         """
         raw = _enc(value)
-        if not self.protocol & P.SMFIP_HDR_LEADSPC:
-            raw = raw.lstrip(b" \t")
+        if not self.protocol & P.SMFIP_HDR_LEADSPC and raw.startswith(b" "):
+            raw = raw[1:]
         data = _cstr(name, "header name") + _cstr(raw, f"header {name}")
         return self._stage("header", P.SMFIC_HEADER, data, macros, P.SMFIP_NOHDRS, P.SMFIP_NR_HDR)
 
@@ -473,8 +479,8 @@ class MilterClient:
         """Send body bytes in chunks of at most 65535 bytes.
 
         Stops at the first reply that is not ``continue`` (``skip`` included:
-        the milter wants no more body) and returns it.  An empty ``chunk``
-        sends nothing (``skipped``).
+        the milter wants no more body; ``eom()`` comes next) and returns it.
+        An empty ``chunk`` sends nothing (``skipped``).
         """
         if self.protocol & P.SMFIP_NOBODY or not chunk:
             self._send_macros(P.SMFIC_BODY, macros)
@@ -501,6 +507,38 @@ class MilterClient:
         self._sendall(_macro_packet(P.SMFIC_BODYEOB, macros) + _packet(P.SMFIC_BODYEOB), "eom")
         return self._read_reply("eom", modifications=True)
 
+    def stray(self) -> bytes:
+        """Bytes the milter sent that no reply took up, read without waiting.
+
+        Replies arrive in order, so after a command's reply anything sent before
+        it is already here: a non-empty result means the milter answered a stage
+        it should not have (a no-reply stage, an abort) or answered twice.
+        """
+        sock = self._sock
+        if sock is None:
+            raise MilterError(f"{self.socket_spec}: connection is not open (stray)")
+        extra = bytes(self._buf)
+        self._buf.clear()
+        sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    chunk = sock.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    return extra
+                except OSError as exc:
+                    self._drop()
+                    raise MilterError(
+                        f"{self.socket_spec}: reading stray replies failed: "
+                        f"{_oserror_text(exc)}"
+                    ) from exc
+                if not chunk:
+                    return extra
+                extra += chunk
+        finally:
+            if self._sock is not None:
+                sock.settimeout(self.timeout)
+
     def abort(self) -> None:
         """Abort the current message (SMFIC_ABORT; the milter does not reply)."""
         self._sendall(_packet(P.SMFIC_ABORT), "abort")
@@ -508,10 +546,12 @@ class MilterClient:
     def quit_nc(self) -> None:
         """End the SMTP connection but keep the milter connection (SMFIC_QUIT_NC).
 
-        Only valid after a session (after ``eom()``, ``abort()`` or a stage
-        verdict), not straight after ``open()``.  The next command must be
-        ``connect()``: a new SMTP session over the same milter connection, as
-        an MTA that reuses milter connections does.
+        The next command must be ``connect()``: a new SMTP session over the
+        same milter connection, as an MTA that reuses milter connections does.
+        libmilter takes it only after an ``eom()`` answered ``continue`` or
+        after ``unknown()``; anywhere else it ignores QUIT_NC and the CONNECT
+        that follows, which then times out here.  (Neither Sendmail 8.18 nor
+        Postfix sends QUIT_NC.)
         """
         self._sendall(_packet(P.SMFIC_QUIT_NC), "quit_nc")
 
@@ -530,7 +570,8 @@ class MilterClient:
     ) -> Response:
         """Send headers, end of headers, body and end of message (``macros`` go with eom).
 
-        Returns the first verdict that does not continue, else the eom response.
+        Returns the first verdict that does not continue, else the eom response;
+        a ``skip`` of the body goes on to end of message, as an MTA does.
         """
         for name, value in headers:
             response = self.header(name, value)
@@ -540,7 +581,7 @@ class MilterClient:
         if not response.continues:
             return response
         response = self.body(body)
-        if not response.continues:
+        if not response.continues and response.action != "skip":
             return response
         return self.eom(macros)
 

@@ -233,6 +233,15 @@ class Daemon:
         log.log(NOTICE, "configuration reloaded from %s", self.path)
         return True
 
+    def on_hup(self) -> None:
+        """SIGHUP: reload; any failure is logged and the running config kept."""
+        running = self.holder.current
+        try:
+            self.reload()
+        except Exception:
+            self.holder.current = running
+            log.exception("reload failed, keeping the running config")
+
     def _relog(self, cfg: Config) -> None:
         old = self._listener
         self._listener = setup_logging(cfg, force_stderr=self._stderr, queued=True)
@@ -243,7 +252,7 @@ class Daemon:
         """Open the socket, drop privileges, write the pidfile and serve."""
         cfg = self.config
         self._stderr = stderr
-        lm.handle_signals(on_hup=self.reload)  # a SIGTERM from here on stops cleanly
+        lm.handle_signals(on_hup=self.on_hup)  # a SIGTERM from here on stops cleanly
         setup_logging(cfg, force_stderr=stderr)
         for warning in configmod.warnings(cfg):
             log.warning("%s", warning)
@@ -280,7 +289,7 @@ class Daemon:
             drop_privileges(uid, gid, cfg.milter.user)
             log.log(NOTICE, "spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
                     ".".join(map(str, lm.version())), cfg.spf.authserv_id)
-            lm.main(on_hup=self.reload)
+            lm.main(on_hup=self.on_hup)
         finally:
             for path in (cfg.milter.pidfile, sock_path):
                 if path:

@@ -7,10 +7,13 @@ how it parses real libmilter replies.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -30,6 +33,7 @@ from libmilter_ext.testing import (
     session,
 )
 from tests.cmilter import build_noop_milter, running_c_milter, start_c_milter, stop_c_milters
+from tests.procs import PYTHON, ROOT, Daemon
 
 CHUNK = P.MILTER_CHUNK_SIZE
 # What the negotiating milter asks for: two stages away, several without reply,
@@ -332,7 +336,11 @@ def test_reject_at_end_of_message(milters: dict[str, str]) -> None:
         (b"caf\xe9 \xff", b"caf\xe9 \xff"),
         ("caf\udce9", b"caf\xe9"),
         ("café", "café".encode()),
-        ("  padded", b"padded"),
+        # Sendmail drops exactly one leading space, nothing else (milter.c, milter_headers)
+        ("  padded", b" padded"),
+        (" one", b"one"),
+        ("\ttab", b"\ttab"),
+        (" \tmixed", b"\tmixed"),
     ],
 )
 def test_header_bytes_reach_the_milter(
@@ -370,9 +378,17 @@ def test_body_skip_stops_sending_body(milters: dict[str, str]) -> None:
         begin(client, sender="skip@example.com")
         client.eoh()
         response = client.body(b"s" * (3 * CHUNK))
-        assert (response.action, response.continues) == ("skip", True)
+        assert (response.action, response.continues) == ("skip", False)
         final = client.eom()
     assert added(final)["X-Noop-Counts"] == f"headers=0 chunks=1 bytes={CHUNK}"
+
+
+def test_message_goes_on_to_eom_after_a_body_skip(milters: dict[str, str]) -> None:
+    with MilterClient(milters["unix"]) as client:
+        begin(client, sender="skip@example.com")
+        final = client.message([("Subject", "s")], b"s" * (2 * CHUNK))
+    assert (final.stage, final.action) == ("eom", "continue")
+    assert added(final)["X-Noop-Counts"] == f"headers=1 chunks=1 bytes={CHUNK}"
 
 
 def test_macros_are_sent_before_their_command(milters: dict[str, str]) -> None:
@@ -635,3 +651,120 @@ def test_c_milter_stops_cleanly_on_sigterm(sockdir: Path, binary: Path) -> None:
             assert client.message([], b"x").action == "continue"
         assert proc.poll() is None
     assert proc.returncode == 0
+
+
+# -- as Sendmail does, against Python milters on the extension ------------------------
+
+MILTERS = Path(__file__).parent / "milters"
+
+
+@contextmanager
+def python_milter(sockdir: Path, script: str, *args: str) -> Iterator[str]:
+    """A tests/milters script serving on a fresh unix socket (a real process)."""
+    work = Path(tempfile.mkdtemp(prefix="pm-", dir=sockdir))
+    spec = f"unix:{work}/m.sock"
+    with Daemon([PYTHON, str(MILTERS / script), spec, *args], spec, work):
+        yield spec
+
+
+def test_offer_of_zero_means_the_version_1_defaults(sockdir: Path) -> None:
+    # libmilter reads actions=0/protocol=0 in OPTNEG as SMFI_V1_ACTS/SMFI_V1_PROT
+    # (engine.c, st_optionneg); the kitchen milter then asks for the V1 actions.
+    with python_milter(sockdir, "kitchen.py") as spec:
+        with MilterClient(spec, actions=0, protocol=0) as client:
+            assert client.actions == P.SMFI_V1_ACTS
+            assert client.protocol & ~P.SMFI_V1_PROT == 0
+            begin(client)
+            final = client.message([("X-Do", "addheader")], b"x")
+    assert ("X-Added", "appended") in final.added_headers()
+
+
+@pytest.mark.parametrize(
+    ("mode", "sent", "raw_lines"),
+    [
+        # SMFIP_HDR_LEADSPC: the value is what followed the colon, written back as is.
+        ("leadspc", [("Subject", " hello"), ("X-Tab", "\ttabbed"), ("X-Tight", "tight")],
+         [b"Subject: hello", b"X-Tab:\ttabbed", b"X-Tight:tight"]),
+        # Without it the MTA drops one space and the milter puts one back.
+        ("plain", [("Subject", " hello"), ("X-Two", "  two")],
+         [b"Subject: hello", b"X-Two:  two"]),
+    ],
+)
+def test_message_milter_spools_headers_as_sent(
+    sockdir: Path, mode: str, sent: list[tuple[str, str]], raw_lines: list[bytes]
+) -> None:
+    with python_milter(sockdir, "leadspc_message.py", mode) as spec:
+        with MilterClient(spec) as client:
+            assert bool(client.protocol & P.SMFIP_HDR_LEADSPC) == (mode == "leadspc")
+            begin(client)
+            final = client.message(sent, b"body\r\n")
+    got = added(final)
+    assert [bytes.fromhex(got[f"X-Raw-{i}"]) for i in range(len(raw_lines))] == raw_lines
+    assert f"X-Raw-{len(raw_lines)}" not in got
+    assert got["X-Subject"] == "hello"
+
+
+# -- without the compiled module ------------------------------------------------------
+
+DRIVE = """
+import json, sys
+from libmilter_ext.testing import session
+result = session(sys.argv[1], ip="192.0.2.1", helo="h.example", sender="a@example.com",
+                 headers=[("X-Echo", " pure")], body=b"x")
+last = list(result.values())[-1]
+print(json.dumps([last.action, dict(last.added_headers())]))
+"""
+
+
+def _drive_without_c(argv: list[str], spec: str, env: dict[str, str]) -> tuple[str, dict]:
+    out = subprocess.run([*argv, "-c", DRIVE, spec], capture_output=True, text=True,
+                         timeout=60, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    action, headers = json.loads(out.stdout)
+    return action, headers
+
+
+def test_testing_works_from_the_pure_python_files_alone(
+    sockdir: Path, milters: dict[str, str], tmp_path: Path
+) -> None:
+    # What pip installs on a machine without libmilter: the .py files, no _milter.
+    package = tmp_path / "libmilter_ext"
+    package.mkdir()
+    for source in (ROOT / "libmilter_ext").glob("*.py"):
+        shutil.copy(source, package)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path)}
+    action, headers = _drive_without_c([PYTHON, "-S"], milters["unix"], env)
+    assert action == "continue"
+    assert headers["X-Noop-Echo"] == "pure"
+    assert headers["X-Noop-Connect"] == "[192.0.2.1] 4 192.0.2.1 0"
+
+
+BLOCKED = """
+import importlib.abc, sys
+class NoC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "libmilter_ext._milter":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoC())
+"""
+
+
+def test_testing_imports_with_the_c_module_blocked(sockdir: Path) -> None:
+    script = BLOCKED + DRIVE + """
+import libmilter_ext as lm
+assert lm._milter.__name__ == "libmilter_ext._unbuilt", lm._milter
+try:
+    lm.run(lm.Milter, "unix:/nonexistent/x.sock", "x")
+except ImportError as exc:
+    print(exc, file=sys.stderr)
+else:
+    raise SystemExit("run() served without the C module")
+"""
+    with python_milter(sockdir, "kitchen.py") as spec:
+        out = subprocess.run([PYTHON, "-c", script, spec], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             check=False)
+    assert out.returncode == 0, out.stderr
+    action, headers = json.loads(out.stdout)
+    assert action == "continue" and headers == {}
+    assert "libmilter_ext.register needs the compiled module libmilter_ext._milter" in out.stderr
