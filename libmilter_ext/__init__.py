@@ -543,7 +543,7 @@ def _sigwaiting_threads() -> list[int]:
 
 
 def _disarm_libmilter_signals(running: threading.Thread, timeout: float = 5.0) -> None:
-    """Cancel libmilter's signal thread once smfi_main has started it.
+    """Park libmilter's signal thread for good once smfi_main has started it.
 
     It sigwaits SIGHUP/SIGTERM/SIGINT and stops the milter on any of them; the
     kernel gives it a signal whenever the main thread has another one pending.
@@ -555,10 +555,10 @@ def _disarm_libmilter_signals(running: threading.Thread, timeout: float = 5.0) -
         if len(tids) == 1:
             try:
                 if _milter.disarm_signal_thread(tids[0]):
-                    log.debug("libmilter's signal thread %d cancelled", tids[0])
+                    log.debug("libmilter's signal thread %d parked", tids[0])
                     return
             except OSError as exc:
-                log.warning("cannot cancel libmilter's signal thread: %s", exc)
+                log.warning("cannot park libmilter's signal thread: %s", exc)
                 return
         time.sleep(0.005)
     if running.is_alive():
@@ -590,7 +590,7 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
     smfi_main runs in a helper thread so that the Python main thread keeps
     receiving signals: SIGHUP calls on_hup (e.g. reload a config) instead of
     stopping the milter, which is what libmilter alone would do; libmilter's own
-    signal thread, which would stop it, is cancelled once started.  From another
+    signal thread, which would stop it, is parked once started.  From another
     thread, main() serves only after handle_signals() ran in the main thread
     (else RuntimeError); it then returns in that thread on SIGTERM/SIGINT.
     """

@@ -25,6 +25,7 @@
 #include <stdatomic.h>
 #include <sys/syscall.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 #include <netinet/in.h>
 #include <string.h>
@@ -1545,67 +1546,86 @@ mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
  * libmilter's signal thread sigwait()s for SIGHUP/SIGTERM/SIGINT and stops the
  * milter on any of them.  The Python main thread takes those signals (SIGHUP is
  * a reload), but when it already has another signal pending the kernel hands a
- * new one to the sigwaiting thread instead.  disarm_signal_thread(tid) cancels
- * that thread (sigwait is a cancellation point): a thread-directed probe signal
- * tells us its pthread_t from inside it.  Linux only.
+ * new one to the sigwaiting thread instead.  disarm_signal_thread(tid) parks
+ * that thread for good: a thread-directed probe signal runs a handler inside it
+ * that blocks every signal and never returns, so it never sigwaits again.
+ *
+ * It parks only a thread the probe caught asleep in sigwait (the interrupted
+ * system call returns -EINTR).  If the thread had just taken a signal, parking
+ * it would lose that signal (a SIGTERM sent at start-up then never stops us),
+ * so the handler returns and lets libmilter act on it.  Neither is it
+ * cancelled: a cancellation can end it inside libmilter's stop code with a
+ * lock held.  libmilter never joins it; process exit ends it.  Linux only.
  */
 static atomic_long probe_tid;
-static atomic_int probe_seen;
-static pthread_t probe_thread;
+static atomic_int probe_outcome;  /* 0 pending, 1 parked, -1 busy with a signal */
+
+static int
+probe_caught_in_sigwait(const void *context)
+{
+    const ucontext_t *uc = context;
+#if defined(__x86_64__)
+    return uc->uc_mcontext.gregs[REG_RAX] == -EINTR;
+#elif defined(__aarch64__)
+    return (long)uc->uc_mcontext.regs[0] == -EINTR;
+#else
+    (void)uc;
+    return 1;  /* cannot tell: park it, as the thread nearly always sleeps */
+#endif
+}
 
 static void
-probe_handler(int Py_UNUSED(sig))
+probe_handler(int Py_UNUSED(sig), siginfo_t *Py_UNUSED(info), void *context)
 {
-    if ((long)syscall(SYS_gettid) == atomic_load(&probe_tid)) {
-        probe_thread = pthread_self();
-        atomic_store(&probe_seen, 1);
+    sigset_t all;
+
+    if ((long)syscall(SYS_gettid) != atomic_load(&probe_tid))
+        return;
+    if (!probe_caught_in_sigwait(context)) {
+        atomic_store(&probe_outcome, -1);
+        return;
     }
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, NULL);
+    atomic_store(&probe_outcome, 1);
+    for (;;)
+        pause();
 }
 
 static PyObject *
 mod_disarm_signal_thread(PyObject *Py_UNUSED(m), PyObject *arg)
 {
     long tid = PyLong_AsLong(arg);
-    struct sigaction probe, old;
-    struct timespec pause = {0, 1000000}, deadline;
-    int sig = SIGRTMAX, rc = 0, seen;
+    struct sigaction probe;
+    struct timespec pause_for = {0, 1000000};
+    int sig = SIGRTMAX, rc = 0, outcome;
 
     if (tid == -1 && PyErr_Occurred())
         return NULL;
     memset(&probe, 0, sizeof probe);
-    probe.sa_handler = probe_handler;
-    sigemptyset(&probe.sa_mask);
-    if (sigaction(sig, &probe, &old) != 0)
+    probe.sa_sigaction = probe_handler;
+    probe.sa_flags = SA_SIGINFO;
+    sigfillset(&probe.sa_mask);
+    if (sigaction(sig, &probe, NULL) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    atomic_store(&probe_seen, 0);
+    atomic_store(&probe_outcome, 0);
     atomic_store(&probe_tid, tid);
     Py_BEGIN_ALLOW_THREADS
     if (syscall(SYS_tgkill, (long)getpid(), tid, sig) != 0)
         rc = errno;
-    for (int ms = 0; rc == 0 && !atomic_load(&probe_seen) && ms < 2000; ms++)
-        nanosleep(&pause, NULL);
-    seen = atomic_load(&probe_seen);
-    if (seen) {
-        rc = pthread_cancel(probe_thread);
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += 2;
-        if (rc == 0)
-            rc = pthread_timedjoin_np(probe_thread, NULL, &deadline);
-    }
+    for (int ms = 0; rc == 0 && atomic_load(&probe_outcome) == 0 && ms < 2000; ms++)
+        nanosleep(&pause_for, NULL);
     Py_END_ALLOW_THREADS
-    /* A probe still pending must not meet SIG_DFL (which would kill us). */
-    if (seen || rc != 0)
-        sigaction(sig, &old, NULL);
-    else {
-        probe.sa_handler = SIG_IGN;
-        sigaction(sig, &probe, NULL);
-    }
-    atomic_store(&probe_tid, 0);
+    outcome = atomic_load(&probe_outcome);
+    /* The handler stays installed (a probe still pending must never meet
+       SIG_DFL, which would kill us); it does nothing outside the target. */
+    if (outcome != 1)
+        atomic_store(&probe_tid, 0);
     if (rc != 0) {
         errno = rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return PyBool_FromLong(seen);
+    return PyBool_FromLong(outcome == 1);
 }
 
 static PyMethodDef module_methods[] = {

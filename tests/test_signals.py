@@ -161,7 +161,7 @@ def test_hundreds_of_sighups_under_load_never_stop_the_milter(workdir: Path) -> 
 
     clients = [threading.Thread(target=load) for _ in range(4)]
     try:
-        _wait_for(lambda: sigwaiting_threads(pid) == [])  # libmilter's is cancelled
+        _wait_for(lambda: sigwaiting_threads(pid) == [])  # libmilter's is parked
         for client in clients:
             client.start()
         for n in range(1, HUP_ROUNDS + 1):
