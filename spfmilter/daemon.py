@@ -13,6 +13,7 @@ import socket
 import stat
 import sys
 import sysconfig
+import threading
 from collections.abc import Callable
 
 import libmilter_ext as lm
@@ -227,8 +228,11 @@ class Daemon:
         return f"serving on {self._spec}, {self.connections} connections"
 
     def _counted(self, make: Callable[[], SpfMilter]) -> Callable[[], SpfMilter]:
+        lock = threading.Lock()  # libmilter's worker threads make connections
+
         def counted() -> SpfMilter:
-            self.connections += 1
+            with lock:
+                self.connections += 1
             return make()
         return counted
 
