@@ -303,20 +303,20 @@ class Daemon:
                 if os.geteuid() == 0:
                     os.chown(cfg.milter.pidfile, uid if uid is not None else -1, -1)
             drop_privileges(uid, gid, cfg.milter.user)
+            self.notifier.ready(self.status())  # the socket is open, root is gone
+            reporter.start()
             log.log(NOTICE, "spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
                     ".".join(map(str, lm.version())), cfg.spf.authserv_id)
-            self.notifier.ready(self.status())
-            reporter.start()
             lm.main(on_hup=self.reload)
         finally:
-            self.notifier.stopping()
-            reporter.stop()
             for path in (cfg.milter.pidfile, sock_path):
                 if path:
                     try:
                         os.unlink(path)
                     except OSError:
                         pass
+            self.notifier.stopping()
+            reporter.stop()
             log.log(NOTICE, "spfmilter stopped")
             if self._listener is not None:
                 self._listener.stop()
