@@ -65,10 +65,15 @@ def rundir() -> Iterator[Path]:
         yield base
 
 
-def _notify_socket(kind: str, base: Path) -> NotifySocket:
-    if kind == "path":
-        return NotifySocket(str(base / "notify" / "n.sock"))
-    return NotifySocket(f"@spfmilter-test-{os.getpid()}-{base.name}")
+@pytest.fixture(params=["path", "abstract"])
+def notify(request, rundir) -> Iterator[NotifySocket]:
+    """A path socket in a directory closed to others, or an abstract one."""
+    if request.param == "path":
+        sock = NotifySocket(str(rundir / "notify" / "n.sock"))
+    else:
+        sock = NotifySocket(f"@spfmilter-test-{os.getpid()}-{rundir.name}")
+    yield sock
+    sock.close()
 
 
 def _uids(pid: int) -> list[str]:
@@ -76,17 +81,15 @@ def _uids(pid: int) -> list[str]:
     return next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
 
 
-@pytest.mark.parametrize("kind", ["path", "abstract"])
-def test_ready_reload_status_stopping_after_privilege_drop(dns_server, rundir, kind):
+def test_ready_reload_status_stopping_after_privilege_drop(dns_server, rundir, notify):
     nobody = pwd.getpwnam("nobody")
-    notify = _notify_socket(kind, rundir)
     cfg = rundir / "c.cfg"
     run_dir = rundir / "run"
     write_config(cfg, run_dir, dns_server)
     cfg.write_text(cfg.read_text().replace("user =\ngroup =\n",
                                            "user = nobody\ngroup = nogroup\n"))
     spec = f"unix:{run_dir}/spf.sock"
-    if kind == "path":  # the premise: nobody could not open this socket itself
+    if not notify.env_value.startswith("@"):  # the premise: nobody could not open it itself
         probe = subprocess.run(
             [PYTHON, "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX,"
              " socket.SOCK_DGRAM); s.connect(sys.argv[1])", notify.env_value],
@@ -111,20 +114,17 @@ def test_ready_reload_status_stopping_after_privilege_drop(dns_server, rundir, k
         assert before <= int(reloading["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
         after = notify.until("READY")
         assert after[-1]["STATUS"] == f"serving on {spec}, 2 connections"
-        _wait_for(lambda: "configuration reloaded" in proc.stderr())
+        _wait_for(lambda: "configuration reloaded" in proc.stderr(), timeout=30)
 
         cfg.write_text(cfg.read_text() + "\n[policy]\nmailfrom_fail = maybe\n")
         proc.proc.send_signal(signal.SIGHUP)  # a refused reload still ends in READY=1
         assert notify.next()["RELOADING"] == "1"
         assert notify.until("READY")[-1]["READY"] == "1"
-        _wait_for(lambda: "reload refused" in proc.stderr())
+        _wait_for(lambda: "reload refused" in proc.stderr(), timeout=30)
         assert run(proc).action == "continue"
     finally:
         code = proc.stop(signal.SIGTERM)
-    try:
-        stopping = notify.until("STOPPING")
-    finally:
-        notify.close()
+    stopping = notify.until("STOPPING")
     assert code == 0
     assert stopping[-1]["STATUS"] == "stopping"
     assert "NOTIFY_SOCKET" not in proc.stderr() and "Traceback" not in proc.stderr()
@@ -159,18 +159,18 @@ def test_socket_address_forms(value, address):
 
 
 def test_status_reporter_sends_only_changes(tmp_path):
-    notify = NotifySocket(str(tmp_path / "n.sock"))
+    receiver = NotifySocket(str(tmp_path / "n.sock"))
     counter = {"n": 0}
-    notifier = sdnotify.Notifier(notify.env_value)
+    notifier = sdnotify.Notifier(receiver.env_value)
     reporter = sdnotify.StatusReporter(notifier, lambda: f"{counter['n']} connections",
                                        interval=0.02).start()
     try:
         assert reporter.last == "0 connections"  # the start status goes with READY=1
         counter["n"] = 3
-        assert notify.next() == {"STATUS": "3 connections"}
+        assert receiver.next() == {"STATUS": "3 connections"}
         counter["n"] = 4
-        assert notify.next() == {"STATUS": "4 connections"}  # nothing sent in between
+        assert receiver.next() == {"STATUS": "4 connections"}  # nothing sent in between
     finally:
         reporter.stop()
         notifier.close()
-        notify.close()
+        receiver.close()
