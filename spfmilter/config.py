@@ -827,4 +827,25 @@ def warnings(config: Config) -> list[str]:
         )
     if config.policy.test_only:
         found.append("[policy] test_only = yes: nothing will be rejected")
+    sock = config.milter.socket
+    if sock.family in ("inet", "inet6") and not _is_loopback(sock.host):
+        where = "every address" if sock.host in ("", "0.0.0.0", "::") else sock.host
+        found.append(
+            f"[milter] socket = {sock.spec}: listens on {where}, not only loopback, and the"
+            " milter protocol has no authentication: whoever reaches the port can query"
+            " SPF through the milter or load it; bind 127.0.0.1 or ::1, firewall the port"
+            " or use a unix socket (see spfmilter(8))"
+        )
     return found
+
+
+def _is_loopback(host: str) -> bool:
+    """True for a loopback address or localhost name; "" (every address) is not."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback

@@ -13,12 +13,15 @@ import socket
 import stat
 import sys
 import sysconfig
+import threading
+from collections.abc import Callable
 
 import libmilter_ext as lm
 
 from . import config as configmod
+from . import sdnotify
 from .config import Config
-from .milter import Runtime, RuntimeHolder, factory
+from .milter import Runtime, RuntimeHolder, SpfMilter, factory
 from .spfcheck import SpfChecker
 
 log = logging.getLogger("spfmilter")
@@ -204,6 +207,9 @@ class Daemon:
         self._stderr = False
         self._listener: logging.handlers.QueueListener | None = None
         self.holder = RuntimeHolder(Runtime(cfg, make_checker(cfg)))
+        self.notifier = sdnotify.Notifier.from_environment()  # connected while still root
+        self.connections = 0
+        self._spec = cfg.milter.socket.spec  # a changed socket waits for a restart
 
     @property
     def config(self) -> Config:
@@ -211,6 +217,26 @@ class Daemon:
 
     def reload(self) -> bool:
         """Load the config file again; keep the old one if the new one is bad."""
+        self.notifier.reloading()
+        try:
+            return self._load_again()
+        finally:
+            self.notifier.ready(self.status())
+
+    def status(self) -> str:
+        """The STATUS= line systemd shows."""
+        return f"serving on {self._spec}, {self.connections} connections"
+
+    def _counted(self, make: Callable[[], SpfMilter]) -> Callable[[], SpfMilter]:
+        lock = threading.Lock()  # libmilter's worker threads make connections
+
+        def counted() -> SpfMilter:
+            with lock:
+                self.connections += 1
+            return make()
+        return counted
+
+    def _load_again(self) -> bool:
         try:
             new = configmod.load(self.path)
         except configmod.ConfigError as exc:
@@ -266,7 +292,7 @@ class Daemon:
         if sock_path:
             _prepare_dir(sock_path, uid, gid)
             clear_stale_socket(sock_path)
-        lm.register(factory(self.holder), cfg.milter.name)
+        lm.register(self._counted(factory(self.holder)), cfg.milter.name)
         lm.settimeout(cfg.milter.timeout)
         old_umask = os.umask(cfg.milter.umask)
         try:
@@ -280,6 +306,7 @@ class Daemon:
         if detach:
             daemonize()
         self._relog(cfg)  # after the fork: the listener thread must live in this process
+        reporter = sdnotify.StatusReporter(self.notifier, self.status)
         try:
             if cfg.milter.pidfile:
                 with open(cfg.milter.pidfile, "w") as fh:
@@ -287,6 +314,8 @@ class Daemon:
                 if os.geteuid() == 0:
                     os.chown(cfg.milter.pidfile, uid if uid is not None else -1, -1)
             drop_privileges(uid, gid, cfg.milter.user)
+            self.notifier.ready(self.status())  # the socket is open, root is gone
+            reporter.start()
             log.log(NOTICE, "spfmilter starting on %s (libmilter %s, authserv-id %s)", spec,
                     ".".join(map(str, lm.version())), cfg.spf.authserv_id)
             lm.main(on_hup=self.on_hup)
@@ -297,6 +326,8 @@ class Daemon:
                         os.unlink(path)
                     except OSError:
                         pass
+            self.notifier.stopping()
+            reporter.stop()
             log.log(NOTICE, "spfmilter stopped")
             if self._listener is not None:
                 self._listener.stop()

@@ -54,6 +54,7 @@ class Daemon:
         self.out = workdir / "stdout.log"
         self.err = workdir / "stderr.log"
         full_env = dict(os.environ)
+        full_env.pop("NOTIFY_SOCKET", None)  # a test run under systemd: not its service
         full_env["PYTHONPATH"] = str(ROOT)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update(env or {})

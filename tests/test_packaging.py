@@ -201,7 +201,7 @@ def unit() -> configparser.RawConfigParser:
 
 def test_unit_runs_the_daemon_the_way_the_config_expects() -> None:
     service = unit()["Service"]
-    assert service["Type"] == "simple"
+    assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")
     assert service["ExecStart"] == "/usr/bin/spfmilter -c ${CONFIG} run $OPTIONS"
     assert service["Environment"] == f"CONFIG={cli.DEFAULT_CONFIG}"
     assert service["EnvironmentFile"] == "-/etc/sysconfig/spfmilter"

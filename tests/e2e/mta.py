@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import email.parser
 import email.policy
 import os
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -60,6 +61,7 @@ DELIVERY_TIMEOUT = 20.0
 SENDMAIL_BINARIES = ("/usr/libexec/sendmail/sendmail", "/usr/lib/sm.bin/sendmail")
 SENDMAIL_CF_DIR = Path("/usr/share/sendmail/cf")
 POSTFIX = "/usr/sbin/postfix"
+_CLONE_NEWNET = 0x40000000
 
 
 class HarnessError(RuntimeError):
@@ -234,7 +236,8 @@ def ipv6_loopback() -> bool:
 def free_port(hosts: Sequence[str]) -> int:
     """A TCP port that is free on every one of hosts."""
     for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        first = socket.AF_INET6 if ":" in hosts[0] else socket.AF_INET
+        with socket.socket(first, socket.SOCK_STREAM) as s:
             s.bind((hosts[0], 0))
             port = s.getsockname()[1]
         try:
@@ -338,20 +341,22 @@ class SpfMilter:
     """The real spfmilter daemon with the e2e config, on a unix socket."""
 
     def __init__(self, workdir: Path, *, nameservers: Sequence[str], name: str = "spfmilter",
-                 group: str = "") -> None:
+                 group: str = "", socket: str = "") -> None:
+        """socket: a spec such as inet6:PORT@::1 instead of the unix socket."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.socket_path = str(workdir / "sock" / "spfmilter.sock")
+        self.spec = socket or f"unix:{self.socket_path}"
         self.config_path = workdir / "spfmilter.cfg"
         self.config_path.write_text(fill(
-            (DATA / "spfmilter.cfg.in").read_text(), SOCKET=self.socket_path,
+            (DATA / "spfmilter.cfg.in").read_text(), SOCKET=self.spec,
             MILTER_NAME=name, GROUP=group, AUTHSERV_ID=AUTHSERV_ID,
             NAMESERVERS=", ".join(nameservers)))
         self.config_path.chmod(0o644)
         if not SPFMILTER.exists():
             raise HarnessError(f"{SPFMILTER} missing: run scripts/setup")
         self.daemon = Daemon([str(SPFMILTER), "-c", str(self.config_path), "run", "--stderr"],
-                             f"unix:{self.socket_path}", workdir)
+                             self.spec, workdir)
 
     def start(self) -> SpfMilter:
         started = self.log().count("spfmilter starting") if self.daemon.err.exists() else 0
@@ -550,7 +555,8 @@ class SyslogSink:
         self.sock.close()
 
 
-def private_namespace(sink: Path, hosts: Path, sasl_dir: Path, stash: Path) -> list[str]:
+def private_namespace(sink: Path, hosts: Path, sasl_dir: Path, stash: Path, *,
+                      network: bool = False) -> list[str]:
     """argv prefix: run a command in its own mount namespace with our files in system places.
 
     Sendmail logs only through syslog(3) to /dev/log; at start it looks up
@@ -559,7 +565,8 @@ def private_namespace(sink: Path, hosts: Path, sasl_dir: Path, stash: Path) -> l
     only from fixed directories.  A private mount namespace with a fresh /dev
     holding our syslog socket, our hosts file over /etc/hosts and our SASL
     config directory over /usr/lib/sasl2 serves all three without touching
-    the host.
+    the host.  network: a private network namespace too, with only its own
+    loopback (for listening on wildcard addresses without opening anything).
     """
     if not shutil.which("unshare") or _run(["unshare", "-m", "true"]).returncode != 0:
         raise HarnessError("unshare -m (a private mount namespace) does not work here")
@@ -572,8 +579,10 @@ def private_namespace(sink: Path, hosts: Path, sasl_dir: Path, stash: Path) -> l
         ': > /dev/log; mount --bind "$SINK" /dev/log; '
         'mount --bind "$HOSTS" /etc/hosts; mount --bind "$SASL" /usr/lib/sasl2; exec "$@"'
     )
+    if network:
+        script = "ip link set lo up; " + script
     return ["env", f"STASH={stash}", f"SINK={sink}", f"HOSTS={hosts}", f"SASL={sasl_dir}",
-            "unshare", "-m",
+            "unshare", "-m", *(["-n"] if network else []),
             "--propagation", "private", "sh", "-c", script, "sh"]
 
 
@@ -614,22 +623,34 @@ class Sendmail(Mta):
     """A private sendmail -bD built from data/sendmail.mc.in and the etc/ snippet.
 
     ``before``/``after``: other milters that Sendmail calls before/after spfmilter.
+    For the other documented routes: ``snippet`` replaces the etc/ snippet
+    ("" for none), ``cf_lines`` are appended to the generated sendmail.cf,
+    ``daemons`` (a function of the port giving DAEMON_OPTIONS lines) replaces
+    the loopback listeners, with ``hosts`` the addresses to reach them, and
+    ``network`` runs Sendmail in a network namespace of its own (clients
+    follow it there, see :meth:`connect`).
     """
 
     name = "sendmail"
 
     def __init__(self, workdir: Path, milter_socket: str, sasl: SaslUser, *,
-                 before: MilterChain = (), after: MilterChain = ()) -> None:
+                 before: MilterChain = (), after: MilterChain = (),
+                 snippet: str | None = None, cf_lines: Sequence[str] = (),
+                 daemons: Callable[[int], str] | None = None,
+                 hosts: tuple[str, ...] | None = None, network: bool = False) -> None:
         self.workdir = workdir
         workdir.mkdir(mode=0o755, exist_ok=True)
         self.binary = sendmail_binary()
+        self.network = network
         sasl_dir = workdir / "sasl2"
         sasl_dir.mkdir(mode=0o755, exist_ok=True)
         (sasl_dir / "Sendmail.conf").write_text(sasl_config(sasl))
-        self.hosts = ("127.0.0.1", "::1") if ipv6_loopback() else ("127.0.0.1",)
-        self.port = free_port(self.hosts)
-        self.milter_name, snippet = sendmail_snippet(milter_socket)
-        snippet = "\n".join([*(sendmail_filter_line(*m) for m in before), snippet,
+        self.hosts = hosts or (("127.0.0.1", "::1") if ipv6_loopback() else ("127.0.0.1",))
+        self.port = 10025 if network else free_port(self.hosts)  # every port is free there
+        self.milter_name, snippet_text = sendmail_snippet(milter_socket)
+        if snippet is not None:
+            snippet_text = snippet
+        snippet = "\n".join([*(sendmail_filter_line(*m) for m in before), snippet_text,
                              *(sendmail_filter_line(*m) for m in after)])
         maildir = workdir / "mail"
         for sub in ("queue", "mail"):
@@ -639,40 +660,83 @@ class Sendmail(Mta):
         (workdir / "hosts").write_text(
             f"127.0.0.1 {AUTHSERV_ID} localhost {socket.gethostname()}\n::1 localhost\n")
         (workdir / "statistics").write_bytes(b"")
-        daemon6 = (f"DAEMON_OPTIONS(`Family=inet6, Addr=::1, Port={self.port}, Name=MTA-v6')"
-                   if "::1" in self.hosts else "")
+        listeners = [f"DAEMON_OPTIONS(`Family=inet, Addr=127.0.0.1, Port={self.port}, "
+                     "Name=MTA-v4')dnl"]
+        if "::1" in self.hosts:
+            listeners.append(f"DAEMON_OPTIONS(`Family=inet6, Addr=::1, Port={self.port}, "
+                             "Name=MTA-v6')dnl")
+        daemons_text = daemons(self.port) if daemons else "\n".join(listeners)
         self.mc_text = fill((DATA / "sendmail.mc.in").read_text(), CF_DIR=SENDMAIL_CF_DIR,
                             HOSTNAME=AUTHSERV_ID, WORK=workdir, PYTHON=sys.executable,
                             DELIVER=DATA / "deliver.py", MAILDIR=maildir, PORT=self.port,
-                            DAEMON6=daemon6, MAIL_DOMAIN=MAIL_DOMAIN, SNIPPET=snippet)
+                            DAEMONS=daemons_text, MAIL_DOMAIN=MAIL_DOMAIN, SNIPPET=snippet)
         self.mc = workdir / "sendmail.mc"
         self.mc.write_text(self.mc_text)
         self.cf = workdir / "sendmail.cf"
         m4 = _run(["m4", str(self.mc)])
         if m4.returncode != 0 or m4.stderr.strip():
             raise HarnessError(f"m4 {self.mc} failed:\n{m4.stderr}")
-        self.cf.write_text(m4.stdout)
+        self.cf.write_text(m4.stdout + "".join(f"{line}\n" for line in cf_lines))
         self.mailbox = Mailbox(maildir)
         self.logfile = workdir / "maillog"
         self.stderr_file = workdir / "sendmail.stderr"
         self.proc: subprocess.Popen | None = None
         self.sink: SyslogSink | None = None
 
-    def start(self) -> Sendmail:
+    def start(self, *, wait: bool = True) -> Sendmail:
+        """Start sendmail -bD; wait: until every listener greets (else just launch it)."""
         self.sink = SyslogSink(self.workdir / "syslog.sock", self.logfile)
         wrapper = private_namespace(self.workdir / "syslog.sock", self.workdir / "hosts",
-                                    self.workdir / "sasl2", self.workdir / "dev")
+                                    self.workdir / "sasl2", self.workdir / "dev",
+                                    network=self.network)
         argv = [*wrapper, str(self.binary), "-C", str(self.cf), "-bD"]
         with open(self.stderr_file, "ab") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err,
                                          stderr=subprocess.STDOUT, cwd=self.workdir)
         try:
-            for host in self.hosts:
-                wait_for_smtp(host, self.port, self.proc, str(self.stderr_file))
+            for host in self.hosts if wait else ():
+                with self.namespace():
+                    wait_for_smtp(host, self.port, self.proc, str(self.stderr_file))
         except HarnessError as exc:
             self.stop()
             raise HarnessError(f"{exc}\n{self.log()}") from None
         return self
+
+    @contextlib.contextmanager
+    def namespace(self) -> Iterator[None]:
+        """Sockets made in this block belong to Sendmail's network (if it has its own).
+
+        setns(2) moves only the calling thread, and a socket keeps the
+        namespace it was made in, so a client made here works after the block.
+        """
+        if not self.network:
+            yield
+            return
+        assert self.proc is not None
+        theirs_path = f"/proc/{self.proc.pid}/ns/net"
+        deadline = time.monotonic() + START_TIMEOUT
+        while os.readlink(theirs_path) == os.readlink("/proc/thread-self/ns/net"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:  # not unshared yet
+                raise HarnessError(f"sendmail (pid {self.proc.pid}) has no network of its own")
+            time.sleep(0.02)
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        theirs = os.open(theirs_path, os.O_RDONLY)
+        try:
+            if libc.setns(theirs, _CLONE_NEWNET) != 0:
+                raise HarnessError(f"setns: {os.strerror(ctypes.get_errno())}")
+            try:
+                yield
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:
+                    raise HarnessError(f"setns back: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(own)
+            os.close(theirs)
+
+    def connect(self, source: str, helo: str) -> SmtpClient:
+        with self.namespace():
+            return super().connect(source, helo)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
