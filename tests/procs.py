@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from libmilter_ext.testing import parse_socket_spec
@@ -104,3 +104,25 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+def sigwaiting_threads(pid: int) -> list[int]:
+    """Threads of pid blocked in sigwait (libmilter's signal thread, until parked)."""
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+        except OSError:
+            continue
+        if "sigtimedwait" in wchan:
+            found.append(int(tid))
+    return found
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    """Poll predicate until it is true; AssertionError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)

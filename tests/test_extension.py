@@ -14,7 +14,7 @@ import pytest
 import libmilter_ext as lm
 from libmilter_ext import protocol as P
 from libmilter_ext.testing import MilterClient, MilterError, session
-from tests.procs import PYTHON, ROOT, Daemon, free_port
+from tests.procs import PYTHON, ROOT, Daemon, free_port, sigwaiting_threads, wait_until
 
 MILTERS = Path(__file__).parent / "milters"
 
@@ -299,8 +299,12 @@ def test_sighup_does_not_stop_and_sigterm_stops_cleanly(shortdir):
     spec = f"unix:{shortdir}/sig.sock"
     d = _kitchen(work, spec).start()
     try:
-        for _ in range(3):
+        # Until libmilter's own signal thread is parked, a SIGHUP may still stop it.
+        wait_until(lambda: not sigwaiting_threads(d.proc.pid))
+        for n in range(1, 4):
             d.proc.send_signal(signal.SIGHUP)
+            # one at a time: a SIGHUP sent while another is pending merges with it
+            wait_until(lambda n=n: d.stdout().count("hup") == n)
             r = session(spec, ip="192.0.2.1", helo="h", sender="<accept@x.example>")
             assert r["mail"].action == "accept"
     finally:

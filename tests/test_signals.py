@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from libmilter_ext.testing import MilterClient, MilterError, session
-from tests.procs import PYTHON, Daemon
+from tests.procs import PYTHON, Daemon, sigwaiting_threads
 from tests.test_daemon import _wait_for, write_config
 from tests.test_daemon import run as spf_session
 
@@ -45,19 +45,6 @@ def full_session(spec: str) -> str:
     last = list(result.values())[-1]
     assert (last.stage, last.action) == ("eom", "continue"), result
     return dict(last.added_headers())["X-Added"]
-
-
-def sigwaiting_threads(pid: int) -> list[int]:
-    """Threads of pid blocked in sigwait (libmilter's signal thread, if still there)."""
-    found = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
-        except OSError:
-            continue
-        if "sigtimedwait" in wchan:
-            found.append(int(tid))
-    return found
 
 
 # -- item 10: an exception in on_hup -------------------------------------------------
