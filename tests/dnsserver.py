@@ -56,6 +56,45 @@ def _free_port(host: str) -> int:
     return port
 
 
+def wait_answering(
+    host: str,
+    port: int,
+    zone: str,
+    *,
+    udp: bool,
+    proc: subprocess.Popen[bytes] | None = None,
+    name: str = "DNS server",
+    log: Callable[[], str] = lambda: "",
+    timeout: float = START_TIMEOUT,
+) -> None:
+    """Poll with SOA queries for *zone* until *host*:*port* answers NOERROR, or raise.
+
+    *proc* is the server process (its exit ends the wait at once), *log* gives
+    its log text for the error message.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    query = dns.message.make_query(zone, "SOA")
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{log()}")
+        try:
+            send = dns.query.udp if udp else dns.query.tcp
+            answer = send(query, host, port=port, timeout=0.25)
+        except (OSError, dns.exception.DNSException) as exc:
+            last = repr(exc)
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                time.sleep(0.02)  # refused at once: do not spin
+            continue
+        if answer.rcode() == dns.rcode.NOERROR:
+            return
+        raise RuntimeError(  # up, but not serving the probe zone: a config error
+            f"{name} at {host}:{port} answers {dns.rcode.to_text(answer.rcode())} "
+            f"for {zone} SOA:\n{log()}"
+        )
+    raise RuntimeError(f"{name} at {host}:{port} not ready after {timeout}s ({last}):\n{log()}")
+
+
 def _qkey(wire: bytes) -> tuple[str, str]:
     """(lower-case name without final dot, type mnemonic) of a query."""
     try:
@@ -408,33 +447,8 @@ class DnsServer:
         raise RuntimeError("NSD did not start:\n" + "\n---\n".join(failures))
 
     def _wait_ready(self, host: str, port: int, *, udp: bool) -> None:
-        """Poll with SOA queries until the server answers, or raise."""
-        deadline = time.monotonic() + START_TIMEOUT
-        last = "no answer"
-        query = dns.message.make_query(self.probe_zone, "SOA")
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"nsd exited with status {self._proc.returncode}:\n{self._nsd_log()}"
-                )
-            try:
-                send = dns.query.udp if udp else dns.query.tcp
-                answer = send(query, host, port=port, timeout=0.25)
-            except (OSError, dns.exception.DNSException) as exc:
-                last = repr(exc)
-                if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                    time.sleep(0.02)  # refused at once: do not spin
-                continue
-            if answer.rcode() == dns.rcode.NOERROR:
-                return
-            raise RuntimeError(  # up, but not serving the probe zone: a config error
-                f"DNS server at {host}:{port} answers {dns.rcode.to_text(answer.rcode())} "
-                f"for {self.probe_zone} SOA:\n{self._nsd_log()}"
-            )
-        raise RuntimeError(
-            f"DNS server at {host}:{port} not ready after {START_TIMEOUT}s ({last}):\n"
-            f"{self._nsd_log()}"
-        )
+        wait_answering(host, port, self.probe_zone, udp=udp, proc=self._proc, name="nsd",
+                       log=self._nsd_log)
 
     def _nsd_log(self) -> str:
         if self._tmp is None:
