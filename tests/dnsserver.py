@@ -118,8 +118,10 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 class _Front:
     """UDP/TCP relay on 127.0.0.1 and ::1 that counts and drops queries."""
 
-    def __init__(self, upstream: tuple[str, int], drop: Sequence[str]) -> None:
+    def __init__(self, upstream: tuple[str, int], drop: Sequence[str],
+                 listen: tuple[str, str] = ("127.0.0.1", "::1")) -> None:
         self.upstream = upstream
+        self.listen = listen
         self.drop = tuple(d.lower().rstrip(".") for d in drop)
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
         self.errors: list[BaseException] = []
@@ -138,7 +140,7 @@ class _Front:
             socks: list[socket.socket] = []
             try:
                 port = 0
-                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                for family, host in zip((socket.AF_INET, socket.AF_INET6), self.listen):
                     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                         sock = socket.socket(family, kind)
                         socks.append(sock)
@@ -153,7 +155,7 @@ class _Front:
                 last = exc
                 for sock in socks:
                     sock.close()
-        raise RuntimeError(f"no common free port on 127.0.0.1 and ::1: {last}")
+        raise RuntimeError(f"no common free port on {' and '.join(self.listen)}: {last}")
 
     def start(self) -> None:
         self._loop.start()
@@ -264,7 +266,8 @@ class DnsServer:
     """NSD on loopback behind a counting relay; use as a context manager.
 
     ``host``/``port`` (and ``host6``) address the relay, which answers on
-    127.0.0.1 and ::1 alike.  ``queries`` counts queries seen by
+    127.0.0.1 and ::1 alike (or on other addresses of this host, e.g. in a
+    network namespace, given as *host* and *host6*).  ``queries`` counts queries seen by
     (name, type), names lower-case without the final dot.
     """
 
@@ -278,7 +281,11 @@ class DnsServer:
         servfail_zones: Sequence[str] = SERVFAIL_ZONES,
         drop: Sequence[str] = DROPPED_NAMES,
         probe_zone: str = PROBE_ZONE,
+        host: str | None = None,
+        host6: str | None = None,
     ) -> None:
+        self.host = host or self.host
+        self.host6 = host6 or self.host6
         self.zones_dir = Path(zones_dir).resolve()
         self.probe_zone = probe_zone
         self.servfail_zones = tuple(servfail_zones)
@@ -330,7 +337,8 @@ class DnsServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="spfmilter-nsd-")
         try:
             self._start_nsd()
-            self._front = _Front((self.host, self.backend_port), self.drop)
+            self._front = _Front((self.host, self.backend_port), self.drop,
+                                 (self.host, self.host6))
             self._front.start()
             for host in (self.host, self.host6):
                 self._wait_ready(host, self.port, udp=False)

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 
@@ -29,25 +30,40 @@ from tests.dnsserver import DnsServer, _free_port, wait_answering
 
 UNBOUND = "/usr/sbin/unbound"
 UNBOUND_CHECKCONF = "/usr/sbin/unbound-checkconf"
+UNBOUND_CONTROL = "/usr/sbin/unbound-control"
 #: Default local zones of unbound that would answer test names itself.
 NODEFAULT_ZONES = ("test", "invalid")
 #: Upper bound, in seconds, on how long unbound works on one query upstream.
 UPSTREAM_QUERY_BUDGET = 3
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """An authoritative server elsewhere (e.g. in another network namespace)."""
+
+    host: str
+    port: int
+    probe_zone: str
+    host6: str = ""
+    drop: tuple[str, ...] = ()
+
+
 class Unbound:
-    """unbound on 127.0.0.1 resolving through *upstream*; use as a context manager.
+    """unbound on *host* resolving through *upstream*; use as a context manager.
 
     ``stop()`` then ``start()`` brings it back on the same port (a resolver
     that restarts); ``pause()``/``resume()`` freeze it (one that hangs).
+    *port* 0 picks a free one; *allow* are the client networks it serves.
     """
 
-    host = "127.0.0.1"
-
-    def __init__(self, upstream: DnsServer, *, extra: Sequence[str] = ()) -> None:
+    def __init__(self, upstream: DnsServer | Upstream, *, host: str = "127.0.0.1",
+                 port: int = 0, allow: Sequence[str] = ("127.0.0.0/8",),
+                 extra: Sequence[str] = ()) -> None:
         self.upstream = upstream
+        self.host = host
+        self.allow = tuple(allow)
         self.extra = tuple(extra)
-        self.port = 0
+        self.port = port
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -130,6 +146,20 @@ class Unbound:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def stats(self) -> dict[str, float]:
+        """unbound-control stats_noreset as a dict (e.g. ``total.num.queries``)."""
+        assert self._tmp is not None
+        out = subprocess.run([UNBOUND_CONTROL, "-c", os.path.join(self._tmp.name, "unbound.conf"),
+                              "stats_noreset"], capture_output=True, text=True, check=True)
+        found = {}
+        for line in out.stdout.splitlines():
+            name, _, value = line.partition("=")
+            try:
+                found[name] = float(value)
+            except ValueError:
+                pass
+        return found
+
     def log(self) -> str:
         try:
             with open(self._log_path, encoding="utf-8", errors="replace") as fh:
@@ -155,6 +185,7 @@ class Unbound:
         assert self._tmp is not None
         tmp = self._tmp.name
         up = self.upstream.port
+        up6 = self.upstream.host6 or self.upstream.host
         lines = [
             "server:",
             f"    interface: {self.host}",
@@ -172,15 +203,16 @@ class Unbound:
             '    module-config: "iterator"',
             "    do-not-query-localhost: no",
             "    qname-minimisation: no",
-            "    access-control: 127.0.0.0/8 allow",
+            *(f"    access-control: {net} allow" for net in self.allow),
             "    infra-keep-probing: yes",
         ]
         lines += [f'    local-zone: "{zone}." nodefault' for zone in NODEFAULT_ZONES]
         lines += [f"    {line}" for line in self.extra]
-        lines += ["remote-control:", "    control-enable: no",
-                  "stub-zone:", '    name: "."', f"    stub-addr: 127.0.0.1@{up}"]
+        lines += ["remote-control:", "    control-enable: yes",
+                  f'    control-interface: "{tmp}/control.sock"', "    control-use-cert: no",
+                  "stub-zone:", '    name: "."', f"    stub-addr: {self.upstream.host}@{up}"]
         for name in self.upstream.drop:
-            lines += ["stub-zone:", f'    name: "{name}."', f"    stub-addr: ::1@{up}"]
+            lines += ["stub-zone:", f'    name: "{name}."', f"    stub-addr: {up6}@{up}"]
         conf = os.path.join(tmp, "unbound.conf")
         with open(conf, "w", encoding="ascii") as fh:
             fh.write("\n".join(lines) + "\n")
