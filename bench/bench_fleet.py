@@ -133,7 +133,11 @@ def host_resolver(args: argparse.Namespace) -> None:
             return {"queries": int(got.get("total.num.queries", -1)),
                     "cachehits": int(got.get("total.num.cachehits", -1))}
 
-        _serve_commands({"stats": stats})
+        def flush() -> dict[str, Any]:
+            resolver.flush()
+            return {}
+
+        _serve_commands({"stats": stats, "flush": flush})
 
 
 def host_mx(args: argparse.Namespace) -> None:
@@ -275,9 +279,13 @@ class Network:
             ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
             ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
             ip("-n", name, "link", "set", "eth0", "up")
-            resolv = Path("/etc/netns") / name / "resolv.conf"
-            resolv.parent.mkdir(parents=True, exist_ok=True)
-            resolv.write_text(f"nameserver {RESOLVER_ADDR}\n")
+            if role.startswith("mx"):
+                # The MTAs' own lookups (Sendmail's reverse lookup of the
+                # client) get a refusal at once, so that the resolver's count
+                # is the milters' queries only.
+                resolv = Path("/etc/netns") / name / "resolv.conf"
+                resolv.parent.mkdir(parents=True, exist_ok=True)
+                resolv.write_text("nameserver 127.0.0.1\n")
 
     def _add(self, name: str) -> None:
         ip("netns", "add", name)
@@ -330,12 +338,16 @@ class Host:
         self.proc.stdin.close()
         return self.read(timeout)
 
-    def close(self, timeout: float = 30) -> None:
+    def end(self) -> None:
+        """Tell the host to stop (EOF on its stdin); close() waits for it."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             try:
                 self.proc.stdin.close()
             except BrokenPipeError:
                 pass
+
+    def close(self, timeout: float = 30) -> None:
+        self.end()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -346,6 +358,14 @@ class Host:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def close_all(hosts: Sequence[Host], timeout: float = 30) -> None:
+    """Stop hosts together (each MTA and milter takes a few seconds to stop)."""
+    for host in hosts:
+        host.end()
+    for host in hosts:
+        host.close(timeout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -362,18 +382,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 # The run
 
 
-def run_cell(net: Network, workdir: Path, dns: Host, dns_port: int, n: int,
-             messages: int) -> dict[str, Any]:
+def run_cell(net: Network, workdir: Path, dns: Host, resolver: Host, n: int, messages: int,
+             previous: threading.Thread | None) -> tuple[dict[str, Any], list[Host]]:
+    """One cell's figures, and its hosts (to stop) -- after *previous* stopped the last ones."""
     me = [sys.executable, str(Path(__file__).resolve())]
     cell = workdir / f"cell{n}"
     cell.mkdir()
     hosts: list[Host] = []
     try:
-        resolver = Host(net.ns("res"), [*me, "host", "resolver", "--address", RESOLVER_ADDR,
-                                        "--upstream", f"{DNS_ADDR}:{dns_port}"],
-                        cell / "res.log")
-        hosts.append(resolver)
-        resolver.read()
         mxs = []
         for i in range(n):
             mx = Host(net.ns(f"mx{i + 1}"),
@@ -383,6 +399,9 @@ def run_cell(net: Network, workdir: Path, dns: Host, dns_port: int, n: int,
             hosts.append(mx)
             mxs.append(mx)
         ready = [mx.read() for mx in mxs]
+        if previous is not None:
+            previous.join()  # the last cell's hosts have stopped: nothing else runs
+        resolver.ask("flush")  # a cold cache for every cell
         targets = [f"{MX_ADDRS[i]}:{r['port']}" for i, r in enumerate(ready)]
         pids = [r["milter_pid"] for r in ready]
         dns.ask("reset")
@@ -412,8 +431,7 @@ def run_cell(net: Network, workdir: Path, dns: Host, dns_port: int, n: int,
         wall = time.monotonic() - started
         probed = probe_host.finish()
     except BaseException:
-        for host in reversed(hosts):
-            host.close(timeout=5)
+        close_all(hosts, timeout=5)
         raise
     try:
         failed = [out for p, out in zip(load, outputs) if p.returncode != 0]
@@ -443,10 +461,10 @@ def run_cell(net: Network, workdir: Path, dns: Host, dns_port: int, n: int,
             "accepted": accepted - len(probed["times"]),
             "milters_alive": all(s["milter_alive"] for s in stats),
             "milter_tracebacks": sum(s["milter_errors"] for s in stats),
-        }
-    finally:
-        for host in reversed(hosts):
-            host.close()
+        }, hosts
+    except BaseException:
+        close_all(hosts, timeout=5)
+        raise
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -459,7 +477,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['accepted']:>5}/{r['messages']:<5}")
     print(f"p50/p99: {sum(r['probe_transactions'] for r in rows)} transactions (MAIL FROM to "
           "the reply after DATA) timed by the probe client during the load; "
-          "resolver q: queries the resolver answered (milters and MTAs); "
+          "resolver q: queries the milters sent to the resolver; "
           "auth q: queries reaching NSD")
 
 
@@ -477,6 +495,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     dns: Host | None = None
+    resolver: Host | None = None
+    stopping: threading.Thread | None = None
     try:
         roles = {"dns": DNS_ADDR, "res": RESOLVER_ADDR}
         roles.update({f"mx{i + 1}": a for i, a in enumerate(MX_ADDRS[:max(args.hosts)])})
@@ -486,12 +506,23 @@ def run(args: argparse.Namespace) -> int:
         dns = Host(net.ns("dns"), [*me, "host", "dns", "--address", DNS_ADDR],
                    workdir / "dns.log")
         dns_port = dns.read()["port"]
+        resolver = Host(net.ns("res"), [*me, "host", "resolver", "--address", RESOLVER_ADDR,
+                                        "--upstream", f"{DNS_ADDR}:{dns_port}"],
+                        workdir / "res.log")
+        resolver.read()
         for n in args.hosts:
-            rows.append(run_cell(net, workdir, dns, dns_port, n, args.messages))
-            print(f"cell {n}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+            row, hosts = run_cell(net, workdir, dns, resolver, n, args.messages, stopping)
+            rows.append(row)
+            print(f"cell {n}: {json.dumps(row)}", file=sys.stderr, flush=True)
+            # MTAs and milters take seconds to stop: the next cell starts meanwhile
+            stopping = threading.Thread(target=close_all, args=(hosts,))
+            stopping.start()
     finally:
-        if dns is not None:
-            dns.close()
+        if stopping is not None:
+            stopping.join()
+        for server in (resolver, dns):
+            if server is not None:
+                server.close()
         net.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

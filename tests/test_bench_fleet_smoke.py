@@ -42,7 +42,8 @@ def test_fleet_small(tmp_path):
         assert row["milters_alive"] and row["milter_tracebacks"] == 0, row
         assert row["msgs_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], row
         assert row["milter_cpu_ms_per_msg"] >= 0, row
-        assert row["resolver_queries"] >= row["auth_queries"] > 0, row
+        # 13 names in all (bench/fleet-zones): some milter asks for each of them
+        assert row["resolver_queries"] >= 13 and row["auth_queries"] > 0, row
     auth = [r["auth_queries"] for r in rows]
     assert max(auth) - min(auth) <= 2, auth  # flat: one shared cache
     lines = out.stdout.splitlines()

@@ -146,13 +146,25 @@ class Unbound:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def stats(self) -> dict[str, float]:
-        """unbound-control stats_noreset as a dict (e.g. ``total.num.queries``)."""
+    def control(self, *command: str) -> str:
+        """Run unbound-control with *command*; its output."""
         assert self._tmp is not None
         out = subprocess.run([UNBOUND_CONTROL, "-c", os.path.join(self._tmp.name, "unbound.conf"),
-                              "stats_noreset"], capture_output=True, text=True, check=True)
+                              *command], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"unbound-control {' '.join(command)}: {out.stdout}{out.stderr}")
+        return out.stdout
+
+    def flush(self) -> None:
+        """Empty every cache (a cold start without a restart) and zero the counters."""
+        self.control("flush_zone", ".")
+        self.control("flush_infra", "all")
+        self.control("stats")  # reads and resets
+
+    def stats(self) -> dict[str, float]:
+        """unbound-control stats_noreset as a dict (e.g. ``total.num.queries``)."""
         found = {}
-        for line in out.stdout.splitlines():
+        for line in self.control("stats_noreset").splitlines():
             name, _, value = line.partition("=")
             try:
                 found[name] = float(value)
