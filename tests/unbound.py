@@ -1,6 +1,7 @@
 """A real caching resolver (Debian's unbound) in front of the test NSD.
 
-unbound runs as a recursive resolver on a private loopback port with one
+unbound runs as a recursive resolver on a private loopback port (or on a
+given address and port, as in bench/bench_fleet.py) with one
 stub zone, the root ``.``, pointing at the counting relay of a
 :class:`~tests.dnsserver.DnsServer`: every name is resolved through the test
 zones, and every query unbound sends upstream is counted there.  Its answers
@@ -10,9 +11,9 @@ The default local zones that collide with test names (``test.``,
 ``invalid.``) are switched off, DNSSEC validation is not loaded (the test
 zones are unsigned), and QNAME minimisation is off so that the upstream
 query counts name exactly the names looked up.  Queries under the relay's
-dropped names go to a stub zone of their own on ::1, so that unbound's
-record of those timeouts (kept per server address and zone) never marks the
-server of every other name down.
+dropped names go to a stub zone of their own on the relay's other address
+(::1), so that those timeouts, which unbound records per server address,
+never mark the server of every other name down.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ UNBOUND_CHECKCONF = "/usr/sbin/unbound-checkconf"
 UNBOUND_CONTROL = "/usr/sbin/unbound-control"
 #: Default local zones of unbound that would answer test names itself.
 NODEFAULT_ZONES = ("test", "invalid")
-#: Upper bound, in seconds, on how long unbound works on one query upstream.
-UPSTREAM_QUERY_BUDGET = 3
 
 
 @dataclass(frozen=True)
