@@ -60,6 +60,45 @@ def _free_port(host: str) -> int:
     return port
 
 
+def wait_answering(
+    host: str,
+    port: int,
+    zone: str,
+    *,
+    udp: bool,
+    proc: subprocess.Popen[bytes] | None = None,
+    name: str = "DNS server",
+    log: Callable[[], str] = lambda: "",
+    timeout: float = START_TIMEOUT,
+) -> None:
+    """Poll with SOA queries for *zone* until *host*:*port* answers NOERROR, or raise.
+
+    *proc* is the server process (its exit ends the wait at once), *log* gives
+    its log text for the error message.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    query = dns.message.make_query(zone, "SOA")
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{log()}")
+        try:
+            send = dns.query.udp if udp else dns.query.tcp
+            answer = send(query, host, port=port, timeout=0.25)
+        except (OSError, dns.exception.DNSException) as exc:
+            last = repr(exc)
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                time.sleep(0.02)  # refused at once: do not spin
+            continue
+        if answer.rcode() == dns.rcode.NOERROR:
+            return
+        raise RuntimeError(  # up, but not serving the probe zone: a config error
+            f"{name} at {host}:{port} answers {dns.rcode.to_text(answer.rcode())} "
+            f"for {zone} SOA:\n{log()}"
+        )
+    raise RuntimeError(f"{name} at {host}:{port} not ready after {timeout}s ({last}):\n{log()}")
+
+
 def _qkey(wire: bytes) -> tuple[str, str]:
     """(lower-case name without final dot, type mnemonic) of a query."""
     try:
@@ -95,8 +134,10 @@ class _Front:
 
     def __init__(self, upstream: tuple[str, int], drop: Sequence[str],
                  unanswered: Callable[[str, str], bool] | None = None,
-                 no_soa: Sequence[str] = ()) -> None:
+                 no_soa: Sequence[str] = (),
+                 listen: tuple[str, str] = ("127.0.0.1", "::1")) -> None:
         self.upstream = upstream
+        self.listen = listen
         self.drop = tuple(d.lower().rstrip(".") for d in drop)
         self.unanswered = unanswered
         self.no_soa = tuple(d.lower().rstrip(".") for d in no_soa)
@@ -117,7 +158,7 @@ class _Front:
             socks: list[socket.socket] = []
             try:
                 port = 0
-                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                for family, host in zip((socket.AF_INET, socket.AF_INET6), self.listen):
                     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                         sock = socket.socket(family, kind)
                         socks.append(sock)
@@ -132,7 +173,7 @@ class _Front:
                 last = exc
                 for sock in socks:
                     sock.close()
-        raise RuntimeError(f"no common free port on 127.0.0.1 and ::1: {last}")
+        raise RuntimeError(f"no common free port on {' and '.join(self.listen)}: {last}")
 
     def start(self) -> None:
         self._loop.start()
@@ -250,10 +291,12 @@ class DnsServer:
     """NSD on loopback behind a counting relay; use as a context manager.
 
     ``host``/``port`` (and ``host6``) address the relay, which answers on
-    127.0.0.1 and ::1 alike.  ``queries`` counts queries seen by
-    (name, type), names lower-case without the final dot.  Queries under
-    ``drop`` names, or for which ``unanswered(name, type)`` is true, get no
-    answer; answers under ``no_soa`` names lose their authority section.
+    127.0.0.1 and ::1 alike (or on other addresses of this host, e.g. in a
+    network namespace, given as *host* and *host6*).  ``queries`` counts
+    queries seen by (name, type), names lower-case without the final dot.
+    Queries under ``drop`` names, or for which ``unanswered(name, type)`` is
+    true, get no answer; answers under ``no_soa`` names lose their authority
+    section.
     """
 
     host = "127.0.0.1"
@@ -268,7 +311,11 @@ class DnsServer:
         unanswered: Callable[[str, str], bool] | None = None,
         no_soa: Sequence[str] = NO_SOA_NAMES,
         probe_zone: str = PROBE_ZONE,
+        host: str | None = None,
+        host6: str | None = None,
     ) -> None:
+        self.host = host or self.host
+        self.host6 = host6 or self.host6
         self.zones_dir = Path(zones_dir).resolve()
         self.probe_zone = probe_zone
         self.servfail_zones = tuple(servfail_zones)
@@ -323,7 +370,7 @@ class DnsServer:
         try:
             self._start_nsd()
             self._front = _Front((self.host, self.backend_port), self.drop,
-                                 self.unanswered, self.no_soa)
+                                 self.unanswered, self.no_soa, (self.host, self.host6))
             self._front.start()
             for host in (self.host, self.host6):
                 self._wait_ready(host, self.port, udp=False)
@@ -440,33 +487,8 @@ class DnsServer:
         raise RuntimeError("NSD did not start:\n" + "\n---\n".join(failures))
 
     def _wait_ready(self, host: str, port: int, *, udp: bool) -> None:
-        """Poll with SOA queries until the server answers, or raise."""
-        deadline = time.monotonic() + START_TIMEOUT
-        last = "no answer"
-        query = dns.message.make_query(self.probe_zone, "SOA")
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"nsd exited with status {self._proc.returncode}:\n{self._nsd_log()}"
-                )
-            try:
-                send = dns.query.udp if udp else dns.query.tcp
-                answer = send(query, host, port=port, timeout=0.25)
-            except (OSError, dns.exception.DNSException) as exc:
-                last = repr(exc)
-                if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                    time.sleep(0.02)  # refused at once: do not spin
-                continue
-            if answer.rcode() == dns.rcode.NOERROR:
-                return
-            raise RuntimeError(  # up, but not serving the probe zone: a config error
-                f"DNS server at {host}:{port} answers {dns.rcode.to_text(answer.rcode())} "
-                f"for {self.probe_zone} SOA:\n{self._nsd_log()}"
-            )
-        raise RuntimeError(
-            f"DNS server at {host}:{port} not ready after {START_TIMEOUT}s ({last}):\n"
-            f"{self._nsd_log()}"
-        )
+        wait_answering(host, port, self.probe_zone, udp=udp, proc=self._proc, name="nsd",
+                       log=self._nsd_log)
 
     def _nsd_log(self) -> str:
         if self._tmp is None:
