@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 
 import dns.exception
 import dns.name
-import dns.nameserver
 import dns.resolver
 import spf
 
 from .dnscache import DnsCache
+from .dnscompat import make_resolver
 from .results import SpfResult
 
 log = logging.getLogger(__name__)
@@ -209,13 +209,7 @@ class SpfChecker:
         self.cache: DnsCache[_Answer] = DnsCache(cache_size)
         # Whole check_host() outcomes, living as long as the shortest TTL they used.
         self.results: DnsCache[tuple[str, str, str]] = DnsCache(cache_size)
-        if nameservers:
-            self._resolver = dns.resolver.Resolver(configure=False)
-            self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers
-            ]
-        else:
-            self._resolver = dns.resolver.Resolver()
+        self._resolver = make_resolver(nameservers)
         self._resolver.use_edns(0, 0, EDNS_PAYLOAD)
         _install_dispatcher()
 
