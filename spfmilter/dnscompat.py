@@ -2,7 +2,8 @@
 
 dnspython 2.4 made name servers objects (``dns.nameserver``); 2.1 to 2.3
 (RHEL 9 has 2.1, Debian 12 has 2.3) take addresses plus a per-address port
-map.  Everything else we use is the same in all of them.
+map.  dnspython 2.1 also drops a server whose answer it cannot follow (a
+CNAME loop) without saying why.  Everything else we use is the same in all.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dns.message
 import dns.resolver
+import dns.version
 
 try:
     import dns.nameserver
@@ -18,6 +21,9 @@ except ImportError:  # dnspython < 2.4
     NAMESERVER_OBJECTS = False
 else:
     NAMESERVER_OBJECTS = True
+
+#: dnspython 2.2 and later list an answer they cannot follow among NoNameservers' errors.
+RECORDS_ANSWER_ERRORS = (dns.version.MAJOR, dns.version.MINOR) >= (2, 2)
 
 #: Makes a name server object from (address, port), on dnspython >= 2.4.
 ServerFactory = Callable[[str, int], Any]
@@ -50,3 +56,16 @@ def make_resolver(nameservers: Sequence[tuple[str, int]] = (),
     resolver.nameservers = list(ports)
     resolver.nameserver_ports = ports
     return resolver
+
+
+def chain_too_long(exc: dns.resolver.NoNameservers) -> bool:
+    """True when the servers answered, but with a CNAME chain too long to follow (a loop).
+
+    dnspython 2.1 records every other failure (timeouts, SERVFAIL, bad
+    answers) in the errors and only an answer it cannot follow in none: an
+    empty list there means this case.
+    """
+    errors = exc.kwargs.get("errors") or []
+    if not errors:
+        return not RECORDS_ANSWER_ERRORS
+    return all(isinstance(error[3], dns.message.ChainTooLong) for error in errors)

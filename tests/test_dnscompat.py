@@ -8,6 +8,7 @@ dnspython 2.1 (addresses plus nameserver_ports).
 from __future__ import annotations
 
 import dns.rdatatype
+import dns.resolver
 import dns.version
 import pytest
 
@@ -66,3 +67,18 @@ def test_server_factory_wraps_configured_and_system_servers() -> None:
     else:  # no name server objects to make
         assert made == []
         assert all(isinstance(ns, str) for ns in system.nameservers)
+
+
+def _no_nameservers(resolver, name: str) -> dns.resolver.NoNameservers:
+    with pytest.raises(dns.resolver.NoNameservers) as info:
+        resolver.resolve(name, "A", lifetime=5, search=False)
+    return info.value
+
+
+def test_a_cname_loop_is_told_apart_from_a_server_failure(dns_server) -> None:
+    resolver = make_resolver(dns_server.addresses)
+    assert dnscompat.chain_too_long(_no_nameservers(resolver, "loop1.compat.test"))
+    servfail = _no_nameservers(resolver, "x.servfail.test")
+    assert servfail.kwargs["errors"]  # every release says why
+    assert not dnscompat.chain_too_long(servfail)
+    assert dnscompat.RECORDS_ANSWER_ERRORS is (dns.version.MINOR >= 2 or dns.version.MAJOR > 2)
