@@ -21,8 +21,14 @@ import dns.exception
 import dns.flags
 import dns.inet
 import dns.message
-import dns.nameserver
 import dns.query
+
+try:
+    from dns.nameserver import Do53Nameserver
+except ImportError:  # dnspython < 2.4: servers are addresses, nothing to subclass.
+    # dnscompat.make_resolver makes no server objects there, and those releases
+    # keep a TXT record without strings anyway (checked with 2.1 and 2.3).
+    Do53Nameserver = object  # type: ignore[assignment,misc]
 
 MAX_UDP = 65535
 
@@ -58,7 +64,7 @@ def _read(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-class TolerantNameserver(dns.nameserver.Do53Nameserver):
+class TolerantNameserver(Do53Nameserver):
     """Do53 server (UDP, then TCP on truncation) whose answers survive invalid records."""
 
     def query(self, request: dns.message.QueryMessage, timeout: float, source: str | None,

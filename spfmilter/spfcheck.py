@@ -27,6 +27,7 @@ import spf
 
 from . import names
 from .dnscache import DnsCache
+from .dnscompat import chain_too_long, make_resolver
 from .nameserver import TolerantNameserver
 from .results import SpfResult
 
@@ -277,8 +278,7 @@ def _cname_loop(exc: dns.resolver.NoNameservers) -> bool:
     RFC 1034 3.6.2 calls that an error; it is a lasting one, not a reason to
     try again later (RFC 7208 5.5: a ptr name whose lookup fails is skipped).
     """
-    errors = exc.kwargs.get("errors") or []
-    return bool(errors) and all(isinstance(e[3], dns.message.ChainTooLong) for e in errors)
+    return chain_too_long(exc)
 
 
 def _exchange(name: dns.name.Name) -> str:
@@ -329,17 +329,7 @@ class SpfChecker:
         self.cache: DnsCache[_Answer] = DnsCache(cache_size)
         # Whole check_host() outcomes, living as long as the shortest TTL they used.
         self.results: DnsCache[tuple[str, str, str]] = DnsCache(cache_size)
-        if nameservers:
-            self._resolver = dns.resolver.Resolver(configure=False)
-            self._resolver.nameservers = [
-                TolerantNameserver(host, port) for host, port in nameservers
-            ]
-        else:
-            self._resolver = dns.resolver.Resolver()
-            self._resolver.nameservers = [
-                TolerantNameserver(ns, self._resolver.port) if isinstance(ns, str) else ns
-                for ns in self._resolver.nameservers
-            ]
+        self._resolver = make_resolver(nameservers, TolerantNameserver)
         self._resolver.use_edns(0, 0, EDNS_PAYLOAD)
         _install_dispatcher()
 

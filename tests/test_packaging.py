@@ -101,9 +101,11 @@ def payload(rpm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_version_is_the_same_everywhere() -> None:
     setup_version = run(sys.executable, "setup.py", "--version", cwd=ROOT).stdout.split()[-1]
     cli_version = run(VENV_BIN / "spfmilter", "--version").stdout.strip()
+    deb_version = run("dpkg-parsechangelog", "-S", "Version", cwd=ROOT).stdout.strip()
     assert spec_tag("Version") == VERSION
     assert setup_version == VERSION
     assert cli_version == f"spfmilter {VERSION}"
+    assert deb_version == VERSION  # debian/changelog (a native package: no revision)
 
 
 def test_spec_changelog_matches_version_and_release() -> None:
@@ -161,7 +163,10 @@ def test_rpm_metadata_and_scriptlets(rpm: Path) -> None:
     assert (name, version) == ("spfmilter", VERSION)
     assert arch != "noarch"  # it carries a compiled extension
     requires = set(run("rpm", "-qp", "--requires", rpm).stdout.splitlines())
-    assert {"python3-pyspf", "python3-authres", "python3-dns >= 2.4"} <= requires
+    # The lowest versions pyproject allows, under Fedora/EPEL's names.
+    floors = dict(re.findall(r'"([\w.-]+)>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()))
+    assert {"python3-pyspf >= " + floors["pyspf"], "python3-authres >= " + floors["authres"],
+            "python3-dns >= " + floors["dnspython"]} <= requires
     scripts = run("rpm", "-qp", "--scripts", rpm).stdout
     pre = scripts.split("preinstall scriptlet")[1].split("scriptlet")[0]
     assert "groupadd -r spfmilter" in pre and "useradd -r" in pre
