@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from libmilter_ext import protocol as P
 from libmilter_ext.testing import MilterClient, Response
-from tests.procs import PYTHON, Daemon
+from tests.procs import PYTHON, ROOT, Daemon
 from tests.test_daemon import AR, FAIL, TEMPERROR, _wait_for, ar_of, spf_results, write_config
 
 RCPT_POLICY = """\
@@ -151,3 +153,30 @@ def test_reject_at_mail_negotiates_envrcpt_away_after_reload(rcpt_daemon, dns_se
         n = rcpt_daemon.stderr().count("configuration reloaded")
         rcpt_daemon.proc.send_signal(signal.SIGHUP)
         _wait_for(lambda: rcpt_daemon.stderr().count("configuration reloaded") > n)
+
+
+def test_spfmilter_test_rcpt_shows_what_the_daemon_answers(rcpt_daemon):
+    rcpts = ["<bob@example.org>", "<postmaster@example.org>", "<carol@watch.example>",
+             "<x@optout.example>"]
+    answers, _eom, _ = transaction(rcpt_daemon, "<u@fail.spf.test>", rcpts, "QR6")
+    argv = [PYTHON, "-m", "spfmilter", "-c", str(rcpt_daemon.cfg), "test", "--ip", "127.0.0.2",
+            "--helo", "pass.spf.test", "--from", "u@fail.spf.test"]
+    for r in rcpts:
+        argv += ["--rcpt", r]
+    out = json.loads(subprocess.run([*argv, "--json"], capture_output=True, text=True,
+                                    check=True, timeout=60, cwd=ROOT).stdout)
+    got = {f"<{r['recipient']}>": (r["action"], r["would_action"], r["exempt"])
+           for r in out["recipients"]}
+    assert got == {"<bob@example.org>": ("reject", "reject", None),
+                   "<postmaster@example.org>": ("accept", "reject", "postmaster"),
+                   "<carol@watch.example>": ("accept", "reject", None),
+                   "<x@optout.example>": ("accept", "accept", None)}
+    for r in out["recipients"]:
+        answer = answers[f"<{r['recipient']}>"]
+        assert (r["action"] == "accept") == answer.continues
+        if r["reply"]:
+            assert r["reply"] == f"{answer.code} {answer.xcode} {answer.text}"
+    text = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60,
+                          cwd=ROOT).stdout
+    assert "rcpt postmaster@example.org: accept (would reject) exempt=postmaster\n" in text
+    assert "rcpt bob@example.org: reject: 550 5.7.23 SPF fail for mailfrom" in text
