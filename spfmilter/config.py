@@ -895,6 +895,9 @@ def warnings(config: Config) -> list[str]:
                 )
         if not actions:
             found.append(f"[{section}]: sets no action, it has no effect")
+    for key, opts in policy.recipients.items():
+        if not opts:
+            found.append(f"[{RECIPIENT_SECTION_PREFIX}{key}]: sets nothing, it has no effect")
     if config.milter.socket.family == "unix" and config.milter.umask & 0o007 != 0o007:
         found.append(
             f"[milter] umask = {_format_umask(config.milter.umask)}: the socket will be"

@@ -214,7 +214,7 @@ class SpfMilter(lm.Milter):
             d, action = chosen.decision, chosen.action
             rcpt_fields = "".join((
                 f" exempt={logvalue(chosen.exempt)}" if chosen.exempt else "",
-                " rcpts=" + logvalue(",".join(f"{r.recipient}:{r.action}" for r in self.rcpts))))
+                " rcpts=" + logvalue(recipients.log_list(self.rcpts))))
         log.info(
             "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s action=%s%s "
             "reason=%s%s%s",

@@ -124,3 +124,15 @@ def summary(decisions: list[RecipientDecision]) -> RecipientDecision | None:
     pool = accepted or decisions
     key = "would_action" if accepted else "action"
     return max(pool, key=lambda d: _SEVERITY[getattr(d.decision, key)])
+
+
+#: Recipients named in a log line; the rest are counted (a line stays readable).
+LOG_RECIPIENTS = 20
+
+
+def log_list(decisions: list[RecipientDecision]) -> str:
+    """``a@x:reject,b@x:accept`` for the log, at most LOG_RECIPIENTS named, then ``+N``."""
+    shown = [f"{d.recipient}:{d.action}" for d in decisions[:LOG_RECIPIENTS]]
+    if len(decisions) > LOG_RECIPIENTS:
+        shown.append(f"+{len(decisions) - LOG_RECIPIENTS}")
+    return ",".join(shown)

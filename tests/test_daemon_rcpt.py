@@ -180,3 +180,20 @@ def test_spfmilter_test_rcpt_shows_what_the_daemon_answers(rcpt_daemon):
                           cwd=ROOT).stdout
     assert "rcpt postmaster@example.org: accept (would reject) exempt=postmaster\n" in text
     assert "rcpt bob@example.org: reject: 550 5.7.23 SPF fail for mailfrom" in text
+
+
+def test_check_config_names_file_and_line_of_a_recipient_section_without_rcpt(tmp_path):
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text("[spf]\nauthserv_id = mx.example\n\n[policy]\nmailfrom_fail = reject\n\n"
+                   "[recipient:customer.example]\nmailfrom_fail = accept\n")
+    out = subprocess.run([PYTHON, "-m", "spfmilter", "-c", str(cfg), "check-config"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1
+    assert out.stderr == (f"spfmilter: {cfg}:7: [recipient:customer.example]: needs [policy] "
+                          "reject_at = rcpt (no recipient is known at MAIL FROM)\n")
+    cfg.write_text(cfg.read_text().replace("[policy]\n", "[policy]\nreject_at = rcpt\n"))
+    out = subprocess.run([PYTHON, "-m", "spfmilter", "-c", str(cfg), "check-config"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "reject_at = rcpt\n" in out.stdout
+    assert "[recipient:customer.example]\nmailfrom_fail = accept\n" in out.stdout

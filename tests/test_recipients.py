@@ -202,3 +202,18 @@ def test_most_specific_section_wins_and_exempt_is_never_rejected(text, rcpts, he
                                   else local.lower()) or expected.action == "accept"
         else:
             assert got.decision == expected and got.exempt is None
+
+
+def test_log_list_names_twenty_recipients_then_counts():
+    cfg = config.loads(BASE).policy
+    facts = _facts("pass")
+    many = [recipients.decide(facts, cfg, f"<u{i}@example.org>") for i in range(23)]
+    text = recipients.log_list(many)
+    assert text.startswith("u0@example.org:accept,u1@example.org:accept,")
+    assert text.endswith(",u19@example.org:accept,+3")
+    assert recipients.log_list(many[:2]) == "u0@example.org:accept,u1@example.org:accept"
+
+
+def test_empty_recipient_section_is_warned_about():
+    cfg = config.loads(BASE + "[recipient:empty.example]\n")
+    assert "[recipient:empty.example]: sets nothing, it has no effect" in config.warnings(cfg)
