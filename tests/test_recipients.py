@@ -217,3 +217,16 @@ def test_log_list_names_twenty_recipients_then_counts():
 def test_empty_recipient_section_is_warned_about():
     cfg = config.loads(BASE + "[recipient:empty.example]\n")
     assert "[recipient:empty.example]: sets nothing, it has no effect" in config.warnings(cfg)
+
+
+@settings(max_examples=EXAMPLES or 300, derandomize=not EXAMPLES, deadline=None)
+@given(rcpt=st.one_of(st.text(max_size=80),
+                      st.builds(lambda lp, d: f"<{lp}@{d}>", st.text(max_size=20),
+                                st.text(max_size=40))))
+def test_any_rcpt_text_gets_a_decision_never_an_exception(rcpt):
+    cfg = config.loads(BASE).policy
+    facts = _facts("fail")
+    got = recipients.decide(facts, cfg, rcpt, policy.decide(facts, cfg))
+    assert got.action in ("accept", "reject", "tempfail")
+    if got.exempt is not None:
+        assert got.action == "accept" and got.decision.would_action != "accept"
