@@ -8,9 +8,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from . import config as configmod
+
+if TYPE_CHECKING:
+    from . import transaction
 
 DEFAULT_CONFIG = "/etc/spfmilter.cfg"
 
@@ -45,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="MAIL FROM address ('' or '<>' for the null sender)")
     test.add_argument("--auth", action="store_true", help="as an SMTP-authenticated client")
     test.add_argument("--json", action="store_true", help="print one JSON object")
+    test.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
+                      help="RCPT TO address (repeatable): show what each recipient gets")
     return parser
 
 
@@ -97,11 +103,13 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
         return {k: getattr(r, k) for k in ("identity", "result", "domain", "sender",
                                              "explanation", "comment", "checked")}
 
+    rcpts = _recipients(cfg, verdict, args.rcpt)
     if args.json:
         print(json.dumps({
             "helo": result(verdict.helo), "mailfrom": result(verdict.mailfrom),
             "skip": verdict.skip, "action": d.action, "would_action": d.would_action,
             "reason": d.reason, "reply": reply, "headers": header_lines,
+            **({"recipients": rcpts} if args.rcpt else {}),
         }, ensure_ascii=True))
         return EXIT_OK
     for r in (verdict.helo, verdict.mailfrom):
@@ -119,9 +127,32 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
         print("reply:")
         for line in reply.split("\r\n"):
             print(f"  {line}")
+    for r in rcpts:
+        would = f" (would {r['would_action']})" if r["would_action"] != r["action"] else ""
+        exempt = f" exempt={r['exempt']}" if r["exempt"] else ""
+        print(f"rcpt {r['recipient']}: {r['action']}{would}{exempt}"
+              + (f": {r['reply']}" if r["reply"] else ""))
     for line in header_lines:
         print(line)
     return EXIT_OK
+
+
+def _recipients(cfg: configmod.Config, verdict: transaction.Verdict,
+                rcpts: list[str]) -> list[dict[str, object]]:
+    """Per-recipient decisions as the milter gives them at RCPT TO."""
+    from . import recipients
+
+    out = []
+    for rcpt in rcpts:
+        if cfg.policy.reject_at == "mail" or verdict.facts is None:
+            decided = recipients.RecipientDecision(recipients.bare(rcpt), verdict.decision)
+        else:
+            decided = recipients.decide(verdict.facts, cfg.policy, rcpt, verdict.decision)
+        out.append({"recipient": decided.recipient, "action": decided.action,
+                    "would_action": decided.decision.would_action, "exempt": decided.exempt,
+                    "reason": decided.decision.reason,
+                    "reply": _reply_text(decided.decision)})
+    return out
 
 
 def cmd_run(path: str, args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ Nameserver = tuple[str, int]
 ACTIONS = ("accept", "reject", "tempfail")
 #: Section name prefix of per-domain policy sections.
 DOMAIN_SECTION_PREFIX = "domain:"
+#: Section name prefix of per-recipient policy sections (``reject_at = rcpt``).
+RECIPIENT_SECTION_PREFIX = "recipient:"
 
 
 class ConfigError(Exception):
@@ -209,6 +211,34 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
                 raise ValueError(f"{item!r} has host bits set (did you mean {wider}?)") from None
             raise ValueError(f"{item!r} is not an IP network in CIDR notation") from None
     return tuple(networks)
+
+
+def normalize_recipient(text: str) -> str:
+    """A ``[recipient:X]`` key: ``domain`` or ``local@domain``.
+
+    Local parts are compared without regard to case (RFC 5321 4.5.1 for postmaster),
+    domains in A-labels: the form :mod:`spfmilter.recipients` matches against.
+    """
+    text = text.strip()
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return normalize_domain(text)
+    if not local or _CONTROL.search(local) or any(c.isspace() for c in local):
+        raise ValueError(f"{text!r} is not a mail address")
+    return f"{local.lower()}@{normalize_domain(domain)}"
+
+
+def parse_recipients(text: str) -> tuple[str, ...]:
+    """A list of local parts (``postmaster``) and whole addresses (``abuse@example.com``)."""
+    out = []
+    for item in _split_list(text):
+        if "@" in item:
+            out.append(normalize_recipient(item))
+        elif _DOT_ATOM.match(item):
+            out.append(item.lower())
+        else:
+            raise ValueError(f"{item!r} is neither a local part nor an address")
+    return tuple(out)
 
 
 def _format_list(values: tuple[Any, ...]) -> str:
@@ -460,6 +490,15 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
         "forwarders": Option(
             parse_domains, "", "client domains (by HELO) not checked", _format_list
         ),
+        "reject_at": Option(
+            _choice_parser(("mail", "rcpt")), "mail", "give rejections at MAIL FROM or per RCPT TO"
+        ),
+        "exempt_recipients": Option(
+            parse_recipients,
+            "",
+            "local parts or addresses never rejected (needs reject_at = rcpt)",
+            _format_list,
+        ),
     },
     "headers": {
         "authentication_results": Option(
@@ -481,6 +520,8 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
 DOMAIN_OPTIONS: tuple[str, ...] = tuple(
     f"{identity}_{result}" for identity in IDENTITIES for result in RESULTS
 )
+#: Options a ``[recipient:DOMAIN]`` or ``[recipient:ADDRESS]`` section may set.
+RECIPIENT_OPTIONS: tuple[str, ...] = (*DOMAIN_OPTIONS, "test_only")
 
 
 def restart_options() -> Iterator[tuple[str, str]]:
@@ -563,7 +604,12 @@ class PolicyConfig:
     trusted_relays: tuple[IPNetwork, ...] = _default("policy", "trusted_relays")
     skip_authenticated: bool = _default("policy", "skip_authenticated")
     forwarders: tuple[str, ...] = _default("policy", "forwarders")
+    reject_at: str = _default("policy", "reject_at")
+    exempt_recipients: tuple[str, ...] = _default("policy", "exempt_recipients")
     domains: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
+    #: ``[recipient:X]`` sections: ``{"example.net": {"test_only": True}, "bob@example.net": ...}``
+    recipients: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -696,6 +742,8 @@ def loads(text: str, filename: str = "<string>") -> Config:
     values: dict[str, dict[str, Any]] = {name: {} for name in OPTIONS}
     domains: dict[str, dict[str, str]] = {}
     domain_sections: dict[str, str] = {}
+    recipients: dict[str, dict[str, Any]] = {}
+    recipient_sections: dict[str, str] = {}
     for section in parser.sections():
         if section in OPTIONS:
             schema: Mapping[str, Option] = OPTIONS[section]
@@ -710,12 +758,24 @@ def loads(text: str, filename: str = "<string>") -> Config:
             domain_sections[domain] = section
             schema = {name: OPTIONS["policy"][name] for name in DOMAIN_OPTIONS}
             target = domains[domain] = {}
+        elif section.startswith(RECIPIENT_SECTION_PREFIX):
+            try:
+                key = normalize_recipient(section[len(RECIPIENT_SECTION_PREFIX) :])
+            except ValueError as exc:
+                raise error(str(exc), section) from None
+            if key in recipient_sections:
+                raise error(f"same recipient as [{recipient_sections[key]}]", section)
+            recipient_sections[key] = section
+            schema = {name: OPTIONS["policy"][name] for name in RECIPIENT_OPTIONS}
+            target = recipients[key] = {}
         else:
-            known = [*OPTIONS, DOMAIN_SECTION_PREFIX + "NAME"]
+            known = [*OPTIONS, DOMAIN_SECTION_PREFIX + "NAME", RECIPIENT_SECTION_PREFIX + "NAME"]
             raise error(f"unknown section{_hint(section, known)}", section)
         for option, raw in parser.items(section):
             if option not in schema:
-                if option in OPTIONS["policy"]:
+                if option in OPTIONS["policy"] and section.startswith(RECIPIENT_SECTION_PREFIX):
+                    message = "only helo_*, mailfrom_* and test_only can be set per recipient"
+                elif option in OPTIONS["policy"]:
                     message = "only helo_* and mailfrom_* actions can be set per domain"
                 else:
                     message = f"unknown option{_hint(option, schema)}"
@@ -736,6 +796,16 @@ def loads(text: str, filename: str = "<string>") -> Config:
                 section="spf",
                 option="authserv_id",
             ) from None
+    if values["policy"].get("reject_at", "mail") == "mail":
+        if recipient_sections:
+            first = min(recipient_sections.values(), key=lambda name: lines.sections[name])
+            raise error("needs [policy] reject_at = rcpt (no recipient is known at MAIL FROM)",
+                        first)
+        if values["policy"].get("exempt_recipients"):
+            raise error("needs reject_at = rcpt (no recipient is known at MAIL FROM)",
+                        "policy", "exempt_recipients")
+    values["policy"]["recipients"] = MappingProxyType(
+        {key: MappingProxyType(opts) for key, opts in sorted(recipients.items())})
     values["policy"]["domains"] = MappingProxyType(
         {name: MappingProxyType(actions) for name, actions in sorted(domains.items())}
     )
@@ -781,6 +851,11 @@ def dump(config: Config) -> str:
         out.append(f"[{DOMAIN_SECTION_PREFIX}{domain}]")
         out.extend(f"{name} = {actions[name]}" for name in DOMAIN_OPTIONS if name in actions)
         out.append("")
+    for key, opts in config.policy.recipients.items():
+        out.append(f"[{RECIPIENT_SECTION_PREFIX}{key}]")
+        out.extend(f"{name} = {OPTIONS['policy'][name].format(opts[name])}"
+                   for name in RECIPIENT_OPTIONS if name in opts)
+        out.append("")
     return "\n".join(out)
 
 
@@ -820,6 +895,9 @@ def warnings(config: Config) -> list[str]:
                 )
         if not actions:
             found.append(f"[{section}]: sets no action, it has no effect")
+    for key, opts in policy.recipients.items():
+        if not opts:
+            found.append(f"[{RECIPIENT_SECTION_PREFIX}{key}]: sets nothing, it has no effect")
     if config.milter.socket.family == "unix" and config.milter.umask & 0o007 != 0o007:
         found.append(
             f"[milter] umask = {_format_umask(config.milter.umask)}: the socket will be"

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import libmilter_ext as lm
 
-from . import headers, policy, transaction
+from . import headers, policy, recipients, transaction
 from .config import Config
 from .results import SpfResult
 from .spfcheck import SpfChecker
@@ -88,6 +88,7 @@ class SpfMilter(lm.Milter):
         self.queue_id: str | None = None
         self.forged: list[int] = []
         self.ar_seen = 0
+        self.rcpts: list[recipients.RecipientDecision] = []  # reject_at = rcpt
         self._judging: int | None = None  # the AR field being judged, for on_exception
 
     # -- stages --------------------------------------------------------------
@@ -122,7 +123,7 @@ class SpfMilter(lm.Milter):
             receiver=self.receiver)
         self.verdict = verdict
         action = verdict.decision.action
-        if action == "accept":
+        if action == "accept" or self.cfg.policy.reject_at == "rcpt":
             return lm.CONTINUE
         self._reply(verdict.decision)
         self._log(verdict, action)
@@ -172,7 +173,9 @@ class SpfMilter(lm.Milter):
                 self._reply(decision)  # a no-reply stage's verdict waits for eom
             except lm.MilterError:
                 pass
-        if not accept or stage in ("eom", "abort", "close"):
+        if stage == "envrcpt":  # that recipient got the fail-safe; the message goes on
+            pass
+        elif not accept or stage in ("eom", "abort", "close"):
             self.verdict = None
         elif stage == "envfrom":  # accepted unchecked: eom still removes forged headers
             self.verdict = transaction.Verdict(None, None, decision, None, ())
@@ -196,6 +199,8 @@ class SpfMilter(lm.Milter):
 
     def _log_pending(self, outcome: str) -> None:
         if self.verdict is not None:
+            if self.rcpts and all(r.action != "accept" for r in self.rcpts):
+                outcome = ""  # every RCPT refused: the transaction ended as decided
             self._log(self.verdict, self.verdict.decision.action, outcome)
             self.verdict = None
 
@@ -203,17 +208,53 @@ class SpfMilter(lm.Milter):
         if not log.isEnabledFor(logging.INFO):
             return
         d = verdict.decision
+        rcpt_fields = ""
+        chosen = recipients.summary(self.rcpts)
+        if chosen is not None:  # reject_at = rcpt: the recipient that stands for the message
+            d, action = chosen.decision, chosen.action
+            rcpt_fields = "".join((
+                f" exempt={logvalue(chosen.exempt)}" if chosen.exempt else "",
+                " rcpts=" + logvalue(recipients.log_list(self.rcpts))))
         log.info(
             "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s action=%s%s "
-            "reason=%s%s",
+            "reason=%s%s%s",
             logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
             logvalue(self.sender),
             verdict.helo.result if verdict.helo else "-",
             verdict.mailfrom.result if verdict.mailfrom else "-",
             action, f" would={d.would_action}" if d.would_action != action else "",
-            logvalue(d.reason), f" outcome={outcome}" if outcome else "")
+            logvalue(d.reason), rcpt_fields, f" outcome={outcome}" if outcome else "")
+
+
+class RcptSpfMilter(SpfMilter):
+    """``reject_at = rcpt``: the verdict judged at MAIL FROM is given per RCPT TO.
+
+    A class of its own so that with ``reject_at = mail`` the envrcpt stage stays
+    negotiated away (libmilter_ext skips stages a class does not override).
+    """
+
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        verdict = self.verdict
+        if verdict is None:  # MAIL FROM already answered (fail-safe)
+            return lm.CONTINUE
+        if verdict.facts is None:  # accepted unchecked after an internal error
+            decided = recipients.RecipientDecision(recipients.bare(recipient), verdict.decision)
+        else:
+            decided = recipients.decide(verdict.facts, self.cfg.policy, recipient,
+                                        verdict.decision)
+        self.rcpts.append(decided)
+        if decided.action == "accept":
+            return lm.CONTINUE
+        self._reply(decided.decision)
+        return _VERDICTS[decided.action]
 
 
 def factory(holder: RuntimeHolder) -> Callable[[], SpfMilter]:
     """A milter factory that gives each new connection the current runtime."""
-    return lambda: SpfMilter(holder.current)
+    def make() -> SpfMilter:
+        runtime = holder.current
+        if runtime.config.policy.reject_at == "rcpt":
+            return RcptSpfMilter(runtime)
+        return SpfMilter(runtime)
+
+    return make

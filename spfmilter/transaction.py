@@ -23,6 +23,7 @@ class Verdict:
     decision: policy.Decision
     skip: str | None
     header_fields: tuple[tuple[str, str], ...]  # (name, value), top first
+    facts: policy.Facts | None = None  # what the decision was made from (per-recipient policy)
 
 
 def client_ip(ip: str) -> str:
@@ -103,7 +104,8 @@ def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender
                          skip=skip)
     decision = policy.decide(facts, cfg.policy)
     return Verdict(helo=facts.helo, mailfrom=mailfrom_result, decision=decision, skip=skip,
-                   header_fields=build_headers(cfg, facts, helo=helo, receiver=receiver))
+                   header_fields=build_headers(cfg, facts, helo=helo, receiver=receiver),
+                   facts=facts)
 
 
 def build_headers(cfg: Config, facts: policy.Facts, *, helo: str = "",

@@ -33,7 +33,7 @@ def _error(text: str) -> str:
 def test_dataclass_fields_match_schema() -> None:
     for section, options in cfg.OPTIONS.items():
         names = [f.name for f in dataclasses.fields(cfg.SECTION_TYPES[section])]
-        extra = ["domains"] if section == "policy" else []
+        extra = ["domains", "recipients"] if section == "policy" else []
         assert names == [*options, *extra]
     assert [f.name for f in dataclasses.fields(cfg.Config)] == [*cfg.OPTIONS, "source"]
 

@@ -20,6 +20,7 @@ MAN_PAGES = [DAEMON_MAN, CFG_MAN]
 
 SCHEMA = {section: set(options) for section, options in config.OPTIONS.items()}
 DOMAIN = config.DOMAIN_SECTION_PREFIX + "NAME"
+RECIPIENT = config.RECIPIENT_SECTION_PREFIX + "NAME"
 
 # etc/spfmilter.cfg: "[section]" or "#[section]", then "#option = default"
 # (no space after '#'; prose comments are "# text").
@@ -31,6 +32,8 @@ _MAN_OPTION = re.compile(r"\.It Cm (?P<name>[a-z_]+)\b")
 
 
 def _section_key(name: str) -> str:
+    if name.startswith(config.RECIPIENT_SECTION_PREFIX):
+        return RECIPIENT
     return DOMAIN if name.startswith(config.DOMAIN_SECTION_PREFIX) else name
 
 
@@ -71,10 +74,12 @@ def rendered(page: Path) -> str:
 
 def test_default_config_lists_every_option_and_nothing_else() -> None:
     listed = cfg_options(CFG)
-    assert {s: set(o) for s, o in listed.items() if s != DOMAIN} == SCHEMA
+    assert {s: set(o) for s, o in listed.items() if s not in (DOMAIN, RECIPIENT)} == SCHEMA
     assert DOMAIN in listed, "the [domain:example.com] example is missing"
     assert listed[DOMAIN], "the [domain:...] example sets no action"
     assert set(listed[DOMAIN]) <= set(config.DOMAIN_OPTIONS)
+    assert listed.get(RECIPIENT), "the [recipient:...] example is missing"
+    assert set(listed[RECIPIENT]) <= set(config.RECIPIENT_OPTIONS)
 
 
 def test_default_config_shows_the_schema_defaults() -> None:
@@ -96,7 +101,8 @@ def test_default_config_uncommented_still_gives_the_defaults() -> None:
     for line in CFG.read_text().splitlines():
         if match := _CFG_SECTION.match(line):
             section = _section_key(match["name"])
-        if section != DOMAIN and _CFG_OPTION.match(line) and line.startswith("#"):
+        if section not in (DOMAIN, RECIPIENT) and _CFG_OPTION.match(line) and \
+                line.startswith("#"):
             line = line[1:]
         lines.append(line)
     text = "\n".join(lines) + "\n"
@@ -116,6 +122,20 @@ def test_default_config_domain_example_loads_when_uncommented() -> None:
     assert cfg.policy.domains["example.com"]["mailfrom_softfail"] == "reject"
 
 
+def test_default_config_recipient_example_loads_with_reject_at_rcpt() -> None:
+    lines, section = [], None
+    for line in CFG.read_text().splitlines():
+        if match := _CFG_SECTION.match(line):
+            section = _section_key(match["name"])
+        if section == RECIPIENT and line.startswith("#") and not line.startswith("# "):
+            line = line[1:]
+        if line == "#reject_at = mail":
+            line = "reject_at = rcpt"
+        lines.append(line)
+    cfg = config.loads("\n".join(lines) + "\n", filename="recipient example")
+    assert cfg.policy.recipients["customer.example"]["mailfrom_fail"] == "accept"
+
+
 def test_local_config_loads_for_the_quick_start() -> None:
     cfg = config.load(LOCAL_CFG)
     assert cfg.milter.socket.spec == "inet:8894@127.0.0.1"
@@ -129,9 +149,11 @@ def test_man_page_documents_every_option_once_and_nothing_else() -> None:
     documented = man_options(CFG_MAN)
     for section, names in documented.items():
         assert len(names) == len(set(names)), f"[{section}] documented twice"
-    assert {s: set(o) for s, o in documented.items() if s != DOMAIN} == SCHEMA
+    assert {s: set(o) for s, o in documented.items() if s not in (DOMAIN, RECIPIENT)} == SCHEMA
     assert DOMAIN in documented, "the [domain:NAME] sections are not described"
     assert set(documented[DOMAIN]) <= set(config.DOMAIN_OPTIONS)
+    assert RECIPIENT in documented, "the [recipient:NAME] sections are not described"
+    assert set(documented[RECIPIENT]) <= set(config.RECIPIENT_OPTIONS)
 
 
 def test_man_page_gives_each_default() -> None:

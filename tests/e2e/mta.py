@@ -31,6 +31,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -371,6 +372,31 @@ class SpfMilter:
 
     def stop(self) -> int:
         return self.daemon.stop()
+
+    @contextlib.contextmanager
+    def reconfigured(self, policy: str, extra: str = "") -> Iterator[None]:
+        """Run with ``policy`` lines added to [policy] and ``extra`` sections appended
+        (reloaded with SIGHUP, as an admin does), then with the e2e config again."""
+        original = self.config_path.read_text()
+        changed = original.replace("[policy]\n", f"[policy]\n{policy}\n", 1) + extra
+        assert changed != original
+        self.config_path.write_text(changed)
+        try:
+            self._reload()
+            yield
+        finally:
+            self.config_path.write_text(original)
+            self._reload()
+
+    def _reload(self) -> None:
+        assert self.daemon.proc is not None
+        before = self.log().count("configuration reloaded")
+        self.daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while self.log().count("configuration reloaded") <= before:
+            if time.monotonic() > deadline or not self.running:
+                raise HarnessError(f"spfmilter did not reload:\n{self.log()}")
+            time.sleep(0.02)
 
     @property
     def running(self) -> bool:

@@ -18,13 +18,25 @@ import os
 import pwd
 import re
 import stat
+import time
 from email.message import Message
 from pathlib import Path
 
 import authres
 import pytest
 
-from tests.e2e.mta import AUTHSERV_ID, Mailbox, Mta, Reply, SaslUser, SpfMilter, message
+from tests.e2e.mta import (
+    AUTHSERV_ID,
+    DELIVERY_TIMEOUT,
+    MAIL_DOMAIN,
+    RECIPIENT,
+    Mailbox,
+    Mta,
+    Reply,
+    SaslUser,
+    SpfMilter,
+    message,
+)
 from tests.folding import check_lines
 
 #: RFC 7372 replies of the default policy.
@@ -107,6 +119,17 @@ def header_lines(raw: bytes, name: str) -> list[list[bytes]]:
         if current is not None:
             fields.append(current)
     return fields
+
+
+def log_lines(milter: SpfMilter, text: str) -> list[str]:
+    """The milter's log lines containing text, waiting for the first (logging is queued)."""
+    deadline = time.monotonic() + DELIVERY_TIMEOUT
+    while True:
+        found = [line for line in milter.log().splitlines() if text in line]
+        if found or time.monotonic() > deadline:
+            assert found, f"no log line with {text!r}:\n{milter.log()[-3000:]}"
+            return found
+        time.sleep(0.05)
 
 
 def assert_not_delivered(mailbox: Mailbox, tok: str) -> None:
@@ -299,6 +322,54 @@ class MtaScenarios:
             msg = mta.mailbox.wait_for(tok)
             assert len(msg.get_all("Authentication-Results")) == 1
             assert spf(ours(msg))["mailfrom"] == result
+
+    # -- reject_at = rcpt (issue 10 part 1) ----------------------------------
+
+    def test_reject_at_rcpt_refuses_one_recipient_delivers_to_the_exempt(
+            self, mta: Mta, milter: SpfMilter) -> None:
+        postmaster = f"postmaster@{MAIL_DOMAIN}"
+        tok = token("rcpt")
+        with milter.reconfigured("reject_at = rcpt\nexempt_recipients = postmaster"):
+            with mta.connect("127.0.0.3", PASS_HELO) as client:
+                assert client.mail("bob@fail.spf.test").code == ACCEPTED
+                reply = client.rcpt(RECIPIENT)
+                assert_reply(reply, SPF_FAIL)
+                assert "is not allowed to send mail for fail.spf.test" in reply.text
+                assert client.rcpt(postmaster).code == ACCEPTED
+                reply = client.data(message(tok, sender="bob@fail.spf.test"))
+                assert reply.code == ACCEPTED, reply
+            msg = mta.mailbox.wait_for(tok)  # one copy: the refused recipient got none
+            assert len(msg.get_all("Authentication-Results")) == 1
+            assert spf(ours(msg)) == {"helo": ("pass", PASS_HELO),
+                                      "mailfrom": ("fail", "fail.spf.test")}
+            if msg["Delivered-To"] is not None:
+                assert msg.get_all("Delivered-To") == [postmaster]
+            line = (f"action=accept would=reject reason=\"mailfrom fail\" exempt=postmaster "
+                    f"rcpts={RECIPIENT}:reject,{postmaster}:accept")
+            assert len(log_lines(milter, line)) == 1
+
+    def test_reject_at_rcpt_all_refused_nothing_delivered_logged_once(
+            self, mta: Mta, milter: SpfMilter) -> None:
+        tok = token("rcpt-none")
+        other = f"other@{MAIL_DOMAIN}"
+        extra = f"\n[recipient:{RECIPIENT}]\ntest_only = yes\n"
+        with milter.reconfigured("reject_at = rcpt", extra):
+            with mta.connect("127.0.0.3", PASS_HELO) as client:
+                assert client.mail("carl@fail.spf.test").code == ACCEPTED
+                assert_reply(client.rcpt(other), SPF_FAIL)
+                assert_reply(client.rcpt(f"more@{MAIL_DOMAIN}"), SPF_FAIL)
+                assert client.data(message(tok, sender="carl@fail.spf.test")).code >= 500
+                assert client.rset().code == ACCEPTED
+                # the same sender to the test_only recipient: delivered, tagged
+                assert client.mail("carl@fail.spf.test").code == ACCEPTED
+                assert client.rcpt(RECIPIENT).code == ACCEPTED
+                assert client.data(message(tok, sender="carl@fail.spf.test")).code == ACCEPTED
+            msg = mta.mailbox.wait_for(tok)
+            assert spf(ours(msg))["mailfrom"] == ("fail", "fail.spf.test")
+            refused = f"action=reject reason=\"mailfrom fail\" rcpts={other}:reject,"
+            test_only = f"action=accept would=reject reason=\"mailfrom fail\" rcpts={RECIPIENT}"
+            assert len(log_lines(milter, refused)) == 1
+            assert len(log_lines(milter, test_only)) == 1
 
     # -- the milter process --------------------------------------------------
 
