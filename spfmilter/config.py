@@ -341,6 +341,23 @@ def parse_template(text: str) -> str:
     return text
 
 
+#: HELO hygiene findings (spfmilter.helo) and what their action option is for.
+HELO_FINDING_DOCS = {
+    "literal_mismatch": "a HELO address literal that is not the client's address",
+    "is_us": "a HELO claiming one of our_names or our address",
+    "invalid": "a HELO neither a domain name nor an address literal",
+}
+
+
+def parse_our_names(text: str) -> tuple[str, ...]:
+    """A list of domain names and IP addresses (bare or as ``[literal]``)."""
+    out = []
+    for item in _split_list(text):
+        address = names.client_ip(item)
+        out.append(address if address is not None else normalize_domain(item))
+    return tuple(out)
+
+
 def _parse_facility(text: str) -> str:
     return _choice_parser(tuple(sorted(SysLogHandler.facility_names)))(text)
 
@@ -460,6 +477,14 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
         "forwarders": Option(
             parse_domains, "", "client domains (by HELO) not checked", _format_list
         ),
+        **{
+            f"helo_{finding}": Option(parse_action, "accept", f"action for {doc}")
+            for finding, doc in HELO_FINDING_DOCS.items()
+        },
+        "our_names": Option(
+            parse_our_names, "", "our names and addresses (HELO is_us); empty = authserv-id, j",
+            _format_list
+        ),
     },
     "headers": {
         "authentication_results": Option(
@@ -563,6 +588,10 @@ class PolicyConfig:
     trusted_relays: tuple[IPNetwork, ...] = _default("policy", "trusted_relays")
     skip_authenticated: bool = _default("policy", "skip_authenticated")
     forwarders: tuple[str, ...] = _default("policy", "forwarders")
+    helo_literal_mismatch: str = _default("policy", "helo_literal_mismatch")
+    helo_is_us: str = _default("policy", "helo_is_us")
+    helo_invalid: str = _default("policy", "helo_invalid")
+    our_names: tuple[str, ...] = _default("policy", "our_names")
     domains: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
 
 
