@@ -46,7 +46,7 @@ _SUB_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")  # 
 _SNUM = re.compile(r"[0-9]{1,3}\Z")
 _ALL_DIGITS = re.compile(r"[0-9]+\Z")
 _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+\Z")
-MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
+MAX_DOMAIN = 253  # RFC 1035 3.1: 255 octets in the wire form
 
 
 def domain(text: str) -> str | None:
