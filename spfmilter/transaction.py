@@ -24,7 +24,7 @@ class Verdict:
     decision: policy.Decision
     skip: str | None
     header_fields: tuple[tuple[str, str], ...]  # (name, value), top first
-    helo_findings: tuple[str, ...] = ()  # HELO hygiene (spfmilter.helo), "" when skipped
+    helo_findings: tuple[str, ...] = ()  # HELO hygiene (spfmilter.helo), () when skipped
 
 
 def client_ip(ip: str) -> str:
@@ -103,9 +103,9 @@ def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender
     """Judge one transaction; helo_result may come from an earlier HELO check.
 
     *receiver* is the receiving host (the MTA's ``j`` macro) for ``%{r}`` and
-    Received-SPF; the authserv-id stands in when it is empty.  It and
-    *our_addresses* (the MTA's side of the connection) are ours for HELO
-    hygiene unless ``[policy] our_names`` says otherwise.
+    Received-SPF; the authserv-id stands in when it is empty.  For HELO
+    hygiene both are our names unless ``[policy] our_names`` is set, and
+    *our_addresses* (the MTA's side of the connection) are always ours.
     """
     ours = cfg.policy.our_names or (cfg.spf.authserv_id, receiver)
     receiver = receiver or cfg.spf.authserv_id
