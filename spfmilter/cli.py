@@ -107,7 +107,8 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
     if args.json:
         print(json.dumps({
             "helo": result(verdict.helo), "mailfrom": result(verdict.mailfrom),
-            "skip": verdict.skip, "action": d.action, "would_action": d.would_action,
+            "skip": verdict.skip, "helo_findings": list(verdict.helo_findings),
+            "action": d.action, "would_action": d.would_action,
             "reason": d.reason, "reply": reply, "headers": header_lines,
             **({"recipients": rcpts} if args.rcpt else {}),
         }, ensure_ascii=True))
@@ -120,6 +121,8 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
                 print(f"  explanation: {r.explanation!r}")
     if verdict.skip:
         print(f"skipped: {verdict.skip}")
+    if verdict.helo_findings:
+        print(f"helo_finding: {', '.join(verdict.helo_findings)}")
     print(f"action: {d.action}" + (f" (would {d.would_action})"
                                    if d.would_action != d.action else ""))
     print(f"reason: {d.reason}")

@@ -371,6 +371,23 @@ def parse_template(text: str) -> str:
     return text
 
 
+#: HELO hygiene findings (spfmilter.helo) and what their action option is for.
+HELO_FINDING_DOCS = {
+    "literal_mismatch": "a HELO address literal that is not the client's address",
+    "is_us": "a HELO claiming one of our_names or our address",
+    "invalid": "a HELO neither a domain name nor an address literal",
+}
+
+
+def parse_our_names(text: str) -> tuple[str, ...]:
+    """A list of domain names and IP addresses (bare or as ``[literal]``)."""
+    out = []
+    for item in _split_list(text):
+        address = names.client_ip(item)
+        out.append(address if address is not None else normalize_domain(item))
+    return tuple(out)
+
+
 def _parse_facility(text: str) -> str:
     return _choice_parser(tuple(sorted(SysLogHandler.facility_names)))(text)
 
@@ -499,6 +516,14 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
             "local parts or addresses never rejected (needs reject_at = rcpt)",
             _format_list,
         ),
+        **{
+            f"helo_{finding}": Option(parse_action, "accept", f"action for {doc}")
+            for finding, doc in HELO_FINDING_DOCS.items()
+        },
+        "our_names": Option(
+            parse_our_names, "", "our names and addresses (HELO is_us); empty = authserv-id, j",
+            _format_list
+        ),
     },
     "headers": {
         "authentication_results": Option(
@@ -606,6 +631,10 @@ class PolicyConfig:
     forwarders: tuple[str, ...] = _default("policy", "forwarders")
     reject_at: str = _default("policy", "reject_at")
     exempt_recipients: tuple[str, ...] = _default("policy", "exempt_recipients")
+    helo_literal_mismatch: str = _default("policy", "helo_literal_mismatch")
+    helo_is_us: str = _default("policy", "helo_is_us")
+    helo_invalid: str = _default("policy", "helo_invalid")
+    our_names: tuple[str, ...] = _default("policy", "our_names")
     domains: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
     #: ``[recipient:X]`` sections: ``{"example.net": {"test_only": True}, "bob@example.net": ...}``
     recipients: Mapping[str, Mapping[str, Any]] = field(

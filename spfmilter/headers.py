@@ -22,6 +22,10 @@ Choices made here:
 * The domain's SPF explanation is not written into either field: it is text
   for the rejected sender's SMTP reply, and recipients gain nothing from it.
 * A skipped session (``skip``) gives ``none (SPF not checked: REASON)``.
+* A ``note`` about the session rather than one method (a HELO hygiene
+  finding) is a comment after the authserv-id, which RFC 8601's grammar allows
+  (``resinfo = [CFWS] ";" ...``): no method or ptype is invented, and parsers
+  that drop comments see the same results as without it.
 * With ``mailfrom = address`` a local part in RFC 5321 quoted form
   (``"a b"@example.test``) is written as it came: it already is an RFC 5322
   quoted-string, as RFC 8601's ``pvalue`` wants.
@@ -150,6 +154,7 @@ def authentication_results(
     *,
     mailfrom_format: str = "domain",
     skip: str | None = None,
+    note: str = "",
 ) -> str:
     """The value of an Authentication-Results field for this session's SPF results.
 
@@ -171,7 +176,11 @@ def authentication_results(
         if not results:
             results.append(core.NoneAuthenticationResult("no identity could be checked"))
     header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
-    return fold("Authentication-Results", str(header.header_value()))
+    value = str(header.header_value())
+    comment = _comment(note) if _printable(note) else ""
+    if comment and value.startswith(authserv_id + ";"):
+        value = f"{authserv_id} ({comment}){value[len(authserv_id):]}"
+    return fold("Authentication-Results", value)
 
 
 def _kv_value(text: str) -> str:

@@ -63,7 +63,7 @@ class SpfMilter(lm.Milter):
 
     header_names = frozenset({"authentication-results"})
     macros = {
-        "connect": "j {daemon_name}",
+        "connect": "j {daemon_name} {daemon_addr} {if_addr}",
         "envfrom": "i {auth_authen} {auth_type}",
         "eom": "i",
     }
@@ -80,6 +80,7 @@ class SpfMilter(lm.Milter):
         self.forwarder: str | None = None
         self.forwarder_checked = False
         self.receiver = ""
+        self.our_addresses: tuple[str, ...] = ()
         self._reset()
 
     def _reset(self) -> None:
@@ -98,6 +99,8 @@ class SpfMilter(lm.Milter):
         self.client_skip = transaction.client_skip(self.cfg, self.ip)
         self.trusted = transaction.is_trusted_relay(self.cfg, self.ip)
         self.receiver = self.getsymval("j") or ""
+        self.our_addresses = transaction.local_addresses(
+            self.getsymval("{daemon_addr}"), self.getsymval("{if_addr}"))
         return lm.CONTINUE
 
     def helo(self, name: str) -> int:
@@ -120,7 +123,7 @@ class SpfMilter(lm.Milter):
         verdict = transaction.judge(
             self.cfg, self.checker, ip=self.ip, helo=self.helo_name, sender=sender,
             helo_result=self.helo_result, authenticated=authenticated, skip=skip,
-            receiver=self.receiver)
+            receiver=self.receiver, our_addresses=self.our_addresses)
         self.verdict = verdict
         action = verdict.decision.action
         if action == "accept" or self.cfg.policy.reject_at == "rcpt":
@@ -216,12 +219,13 @@ class SpfMilter(lm.Milter):
                 f" exempt={logvalue(chosen.exempt)}" if chosen.exempt else "",
                 " rcpts=" + logvalue(recipients.log_list(self.rcpts))))
         log.info(
-            "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s action=%s%s "
+            "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s%s action=%s%s "
             "reason=%s%s%s",
             logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
             logvalue(self.sender),
             verdict.helo.result if verdict.helo else "-",
             verdict.mailfrom.result if verdict.mailfrom else "-",
+            f" helo_finding={','.join(verdict.helo_findings)}" if verdict.helo_findings else "",
             action, f" would={d.would_action}" if d.would_action != action else "",
             logvalue(d.reason), rcpt_fields, f" outcome={outcome}" if outcome else "")
 

@@ -9,6 +9,12 @@ could not be checked (``SpfResult.checked`` false) take no part.
 Reply codes follow RFC 7372: ``550 5.7.23`` for a rejected fail (and any other
 rejected result), ``550 5.7.24``/``451 4.7.24`` for SPF errors and ``451 4.7.1``
 for a temporary refusal of a non-error result.
+
+HELO hygiene findings (:mod:`spfmilter.helo`) get the action of their
+``helo_<finding>`` option and compete on the same severity scale; a tie goes
+to the SPF result.  Their replies are ``550 5.7.1``/``451 4.7.1`` (RFC 3463:
+delivery not authorized; RFC 7372 has no code for HELO) with a fixed text
+naming the finding, since reply_text's placeholders describe an SPF result.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class Facts:
     mailfrom: SpfResult | None = None
     sender_domain: str = ""  # the domain MAIL FROM was checked as (HELO name for <>)
     skip: str | None = None  # why the client is not checked ("authenticated"...)
+    helo_findings: tuple[str, ...] = ()  # from spfmilter.helo.classify
+    helo_name: str = ""  # the HELO text as the client gave it (for hygiene replies)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,9 @@ def decide(facts: Facts, policy: PolicyConfig) -> Decision:
         action = action_for(policy, spf.identity, spf.result, facts.sender_domain)
         if _SEVERITY[action] > _SEVERITY[verdict]:
             verdict, driver = action, spf
+    hygiene = helo_decision(facts, policy)
+    if hygiene is not None and _SEVERITY[hygiene.would_action] > _SEVERITY[verdict]:
+        return hygiene
     if driver is None:
         return Decision("accept", "accept", reason="policy" if checked else "no SPF result")
     reason = f"{driver.identity} {driver.result}"
@@ -101,6 +112,36 @@ def decide(facts: Facts, policy: PolicyConfig) -> Decision:
         explanation=driver.explanation if driver.result == "fail" else "",
     )
     return Decision(verdict, verdict, code, xcode, lines, reason, driver.identity)
+
+
+_HYGIENE_TEXT = {
+    "literal_mismatch": "HELO {helo} is not the address of the client {ip}",
+    "is_us": "HELO {helo} claims to be this host, but the client {ip} is not",
+    "invalid": "HELO {helo} is neither a valid domain name nor an address literal",
+}
+
+
+def helo_decision(facts: Facts, policy: PolicyConfig) -> Decision | None:
+    """The verdict the most severe HELO hygiene finding asks for (None if none).
+
+    An accepted finding gives an accept Decision, so that its reason is known.
+    """
+    worst: tuple[str, str] | None = None
+    for finding in facts.helo_findings:
+        action = str(getattr(policy, f"helo_{finding}"))
+        if worst is None or _SEVERITY[action] > _SEVERITY[worst[1]]:
+            worst = finding, action
+    if worst is None:
+        return None
+    finding, action = worst
+    reason = f"helo {finding}"
+    if action == "accept" or policy.test_only:
+        return Decision("accept", action, reason=reason, identity="helo")
+    code, xcode = (550, "5.7.1") if action == "reject" else (451, "4.7.1")
+    helo = replies.clean(facts.helo_name)
+    helo = helo if len(helo) <= 80 else helo[:77] + "..."
+    text = _HYGIENE_TEXT[finding].format(helo=helo or "-", ip=replies.clean(facts.ip) or "-")
+    return Decision(action, action, code, xcode, (text,), reason, "helo")
 
 
 _ERROR_REPLIES = {

@@ -9,6 +9,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from . import config, headers, names, policy
+from . import helo as helomod
 from .config import Config
 from .results import SpfResult
 from .spfcheck import SpfChecker
@@ -24,6 +25,7 @@ class Verdict:
     skip: str | None
     header_fields: tuple[tuple[str, str], ...]  # (name, value), top first
     facts: policy.Facts | None = None  # what the decision was made from (per-recipient policy)
+    helo_findings: tuple[str, ...] = ()  # HELO hygiene (spfmilter.helo), () when skipped
 
 
 def client_ip(ip: str) -> str:
@@ -33,6 +35,20 @@ def client_ip(ip: str) -> str:
     this once; text that is no address is kept as it is (the check says none).
     """
     return names.client_ip(ip) or ip
+
+
+def local_addresses(*macros: str | None) -> tuple[str, ...]:
+    """Our side of the connection from the MTA's ``{daemon_addr}`` (Sendmail: the
+    listening address; Postfix >= 3.2: the server address) and ``{if_addr}``
+    (Sendmail: the interface) macros; unset, unspecified and non-address values
+    are dropped."""
+    found: list[str] = []
+    for value in macros:
+        address = names.client_ip(value) if value else None
+        if address is not None and not ipaddress.ip_address(address).is_unspecified \
+                and address not in found:
+            found.append(address)
+    return tuple(found)
 
 
 def _in(networks: tuple[config.IPNetwork, ...], ip: str | None) -> bool:
@@ -83,12 +99,16 @@ def override_domain(mailfrom: SpfResult | None) -> str:
 
 def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender: str,
           helo_result: SpfResult | None = None, authenticated: bool = False,
-          skip: str | None = None, receiver: str = "") -> Verdict:
+          skip: str | None = None, receiver: str = "",
+          our_addresses: tuple[str, ...] = ()) -> Verdict:
     """Judge one transaction; helo_result may come from an earlier HELO check.
 
     *receiver* is the receiving host (the MTA's ``j`` macro) for ``%{r}`` and
-    Received-SPF; the authserv-id stands in when it is empty.
+    Received-SPF; the authserv-id stands in when it is empty.  For HELO
+    hygiene both are our names unless ``[policy] our_names`` is set, and
+    *our_addresses* (the MTA's side of the connection) are always ours.
     """
+    ours = cfg.policy.our_names or (cfg.spf.authserv_id, receiver)
     receiver = receiver or cfg.spf.authserv_id
     skip = skip or client_skip(cfg, ip)
     if skip is None and authenticated and cfg.policy.skip_authenticated:
@@ -99,13 +119,15 @@ def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender
         if helo_result is None and cfg.spf.check_helo:
             helo_result = checker.check_helo(ip, helo, receiver=receiver)
         mailfrom_result = checker.check_mailfrom(ip, sender, helo, receiver=receiver)
+    findings = helomod.classify(helo, ip, (*ours, *our_addresses)) if skip is None else ()
     facts = policy.Facts(ip=ip or "", helo=helo_result if skip is None else None,
                          mailfrom=mailfrom_result, sender_domain=override_domain(mailfrom_result),
-                         skip=skip)
+                         skip=skip, helo_findings=findings, helo_name=helo)
     decision = policy.decide(facts, cfg.policy)
     return Verdict(helo=facts.helo, mailfrom=mailfrom_result, decision=decision, skip=skip,
                    header_fields=build_headers(cfg, facts, helo=helo, receiver=receiver),
-                   facts=facts)
+                   facts=facts,
+                   helo_findings=findings)
 
 
 def build_headers(cfg: Config, facts: policy.Facts, *, helo: str = "",
@@ -115,7 +137,8 @@ def build_headers(cfg: Config, facts: policy.Facts, *, helo: str = "",
     if cfg.headers.authentication_results:
         fields.append(("Authentication-Results", headers.authentication_results(
             cfg.spf.authserv_id, facts.helo, facts.mailfrom,
-            mailfrom_format=cfg.headers.mailfrom, skip=facts.skip)))
+            mailfrom_format=cfg.headers.mailfrom, skip=facts.skip,
+            note=helomod.note(facts.helo_findings, helo))))
     if cfg.headers.received_spf and facts.skip is None:
         main = facts.mailfrom if facts.mailfrom is not None else facts.helo
         if main is not None:

@@ -17,6 +17,7 @@ import itertools
 import os
 import pwd
 import re
+import signal
 import stat
 import time
 from email.message import Message
@@ -38,9 +39,12 @@ from tests.e2e.mta import (
     message,
 )
 from tests.folding import check_lines
+from tests.test_daemon import _wait_for
 
 #: RFC 7372 replies of the default policy.
 SPF_FAIL = (550, "5.7.23")
+#: A HELO hygiene reject (RFC 3463 5.7.1).
+HELO_REJECT = (550, "5.7.1")
 SPF_TEMPERROR = (451, "4.7.24")
 ACCEPTED = 250
 DATA_GO_AHEAD = 354
@@ -293,6 +297,66 @@ class MtaScenarios:
         assert rspf.startswith("none ")
         assert '"\\"a b(c)\\"@' + domain + '";' in rspf
         assert f"helo={helo};" in rspf
+
+    # -- HELO hygiene ----------------------------------------------------------
+
+    def test_helo_literal_mismatch_is_noted_by_default(self, mta: Mta,
+                                                       milter: SpfMilter) -> None:
+        tok, reply = send(mta, source="127.0.0.4", helo="[192.0.2.99]",
+                          sender="alice@pass.spf.test", label="literal")
+        assert reply.code == ACCEPTED, reply
+        msg = mta.mailbox.wait_for(tok)
+        assert our_field(msg).startswith(
+            f"{AUTHSERV_ID} (HELO literal_mismatch: [192.0.2.99]);")
+        assert spf(ours(msg)) == {"mailfrom": ("pass", "pass.spf.test")}
+        _wait_for(lambda: "ip=127.0.0.4 helo=[192.0.2.99] sender=<alice@pass.spf.test> "
+                  "helo_spf=none mailfrom_spf=pass helo_finding=literal_mismatch "
+                  "action=accept" in milter.log())
+        # a literal of the MTA's address ({daemon_addr}) claims to be us as well
+        tok, reply = send(mta, source="127.0.0.4", helo="[127.0.0.1]",
+                          sender="alice@pass.spf.test", label="literal-us")
+        assert reply.code == ACCEPTED, reply
+        assert our_field(mta.mailbox.wait_for(tok)).startswith(
+            f"{AUTHSERV_ID} (HELO literal_mismatch, is_us: [127.0.0.1]);")
+        # the client's own address, spelt as IPv6, is no finding
+        tok, reply = send(mta, source="127.0.0.4", helo="[IPv6:::ffff:127.0.0.4]",
+                          sender="alice@pass.spf.test", label="literal-ok")
+        assert reply.code == ACCEPTED, reply
+        assert "HELO" not in our_field(mta.mailbox.wait_for(tok))
+
+    def test_helo_actions_reject_through_the_mta(self, mta: Mta, milter: SpfMilter) -> None:
+        text = milter.config_path.read_text()
+
+        def reload(config: str) -> None:
+            before = milter.log().count("configuration reloaded")
+            milter.config_path.write_text(config)
+            assert milter.daemon.proc is not None
+            milter.daemon.proc.send_signal(signal.SIGHUP)
+            _wait_for(lambda: milter.log().count("configuration reloaded") > before)
+
+        reload(text.replace("[policy]\n", "[policy]\nhelo_literal_mismatch = reject\n"
+                            "helo_is_us = reject\n", 1))
+        try:
+            tok = token("helo-reject")
+            with mta.connect("127.0.0.4", "[192.0.2.99]") as client:
+                reply = client.mail("alice@pass.spf.test")
+                assert_reply(reply, HELO_REJECT)
+                assert "HELO [192.0.2.99] is not the address of the client 127.0.0.4" in \
+                    reply.text
+                assert client.rcpt().code >= 500
+            assert_not_delivered(mta.mailbox, tok)
+            # the MTA's own name (its j macro, here also the authserv-id)
+            with mta.connect("127.0.0.4", AUTHSERV_ID) as client:
+                reply = client.mail("alice@pass.spf.test")
+                assert_reply(reply, HELO_REJECT)
+                assert f"HELO {AUTHSERV_ID} claims to be this host" in reply.text
+            # the internal host is exempt
+            tok, reply = send(mta, source="127.0.0.1", helo="[192.0.2.99]",
+                              sender="alice@pass.spf.test", label="helo-internal")
+            assert reply.code == ACCEPTED, reply
+            assert "HELO" not in our_field(mta.mailbox.wait_for(tok))
+        finally:
+            reload(text)
 
     # -- sessions ------------------------------------------------------------
 
