@@ -460,6 +460,10 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
         "forwarders": Option(
             parse_domains, "", "client domains (by HELO) not checked", _format_list
         ),
+        "dmarc_defer": Option(
+            parse_bool, "no", "leave a MAIL FROM reject to a DMARC p=quarantine/reject",
+            _format_bool,
+        ),
     },
     "headers": {
         "authentication_results": Option(
@@ -563,6 +567,7 @@ class PolicyConfig:
     trusted_relays: tuple[IPNetwork, ...] = _default("policy", "trusted_relays")
     skip_authenticated: bool = _default("policy", "skip_authenticated")
     forwarders: tuple[str, ...] = _default("policy", "forwarders")
+    dmarc_defer: bool = _default("policy", "dmarc_defer")
     domains: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
 
 

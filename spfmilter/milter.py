@@ -122,7 +122,7 @@ class SpfMilter(lm.Milter):
             receiver=self.receiver)
         self.verdict = verdict
         action = verdict.decision.action
-        if action == "accept":
+        if action == "accept" or self._hold(verdict):
             return lm.CONTINUE
         self._reply(verdict.decision)
         self._log(verdict, action)
@@ -190,6 +190,10 @@ class SpfMilter(lm.Milter):
             self.forwarder_checked = True
         return self.forwarder
 
+    def _hold(self, verdict: transaction.Verdict) -> bool:
+        """True to hold a reject until a later stage (DmarcSpfMilter)."""
+        return False
+
     def _reply(self, decision: policy.Decision) -> None:
         if decision.code is not None:
             self.setreply(str(decision.code), decision.xcode, *decision.reply_lines)
@@ -205,15 +209,68 @@ class SpfMilter(lm.Milter):
         d = verdict.decision
         log.info(
             "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s action=%s%s "
-            "reason=%s%s",
+            "reason=%s%s%s",
             logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
             logvalue(self.sender),
             verdict.helo.result if verdict.helo else "-",
             verdict.mailfrom.result if verdict.mailfrom else "-",
             action, f" would={d.would_action}" if d.would_action != action else "",
-            logvalue(d.reason), f" outcome={outcome}" if outcome else "")
+            logvalue(d.reason), _dmarc_fields(verdict), f" outcome={outcome}" if outcome else "")
+
+
+def _dmarc_fields(verdict: transaction.Verdict) -> str:
+    if verdict.dmarc is None:
+        return ""
+    deferred = " deferred=dmarc" if verdict.deferred else ""
+    return f" dmarc={logvalue(verdict.dmarc.policy)}{deferred}"
+
+
+class DmarcSpfMilter(SpfMilter):
+    """SpfMilter with ``dmarc_defer``: a MAIL FROM reject waits for the From field.
+
+    A class of its own so that the default configuration neither receives From
+    fields nor negotiates the end-of-headers stage.
+    """
+
+    header_names = SpfMilter.header_names | {"from"}
+    macros = {**SpfMilter.macros, "eoh": "i"}
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.held = False
+        self.from_values: list[str] = []
+
+    def _hold(self, verdict: transaction.Verdict) -> bool:
+        self.held = transaction.held(self.cfg, verdict)
+        return self.held
+
+    @lm.noreply
+    def header(self, name: str, value: str) -> int:
+        if self.held and name.lower() == "from":
+            self.from_values.append(value)
+            return lm.CONTINUE
+        return super().header(name, value)
+
+    def eoh(self) -> int:
+        if not self.held or self.verdict is None:
+            return lm.CONTINUE
+        self.held = False
+        self.queue_id = self.getsymval("i") or self.queue_id
+        verdict = self.verdict = transaction.review_dmarc(self.checker, self.verdict,
+                                                          self.from_values)
+        action = verdict.decision.action
+        if action == "accept":
+            return lm.CONTINUE
+        self._reply(verdict.decision)
+        self._log(verdict, action)
+        self.verdict = None
+        return _VERDICTS[action]
 
 
 def factory(holder: RuntimeHolder) -> Callable[[], SpfMilter]:
     """A milter factory that gives each new connection the current runtime."""
-    return lambda: SpfMilter(holder.current)
+    def new() -> SpfMilter:
+        runtime = holder.current
+        cls = DmarcSpfMilter if runtime.config.policy.dmarc_defer else SpfMilter
+        return cls(runtime)
+    return new

@@ -13,7 +13,7 @@ for a temporary refusal of a non-error result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import names, replies
 from .config import PolicyConfig
@@ -101,6 +101,23 @@ def decide(facts: Facts, policy: PolicyConfig) -> Decision:
         explanation=driver.explanation if driver.result == "fail" else "",
     )
     return Decision(verdict, verdict, code, xcode, lines, reason, driver.identity)
+
+
+def dmarc_deferrable(decision: Decision, policy: PolicyConfig) -> bool:
+    """True when ``dmarc_defer`` holds this decision until the From field's DMARC
+    policy is known: a reject driven by MAIL FROM (HELO rejects are never held)."""
+    return (policy.dmarc_defer and decision.action == "reject"
+            and decision.identity == "mailfrom")
+
+
+def after_dmarc(decision: Decision, dmarc_policy: str) -> Decision:
+    """A held decision once the DMARC policy is known: dropped (accept, the
+    DMARC verifier downstream decides) for p=quarantine or p=reject; for
+    anything else -- none, no record, a bad From, a DNS error -- the SPF
+    decision as it was (never fail open)."""
+    if dmarc_policy not in ("quarantine", "reject"):
+        return decision
+    return replace(decision, action="accept", code=None, xcode=None, reply_lines=())
 
 
 _ERROR_REPLIES = {
