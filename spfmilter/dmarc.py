@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
-from . import names
+from .spfcheck import normalize_domain
 
 #: Outcomes of :func:`discover` that are no DMARC record (the SPF verdict stands).
 NO_RECORD = "no record"
+BAD_RECORD = "no usable record"  # several DMARC records, or one without a policy
 NO_FROM = "no From"
 BAD_FROM = "unparseable From"
 SEVERAL_FROM = "several From domains"
@@ -50,7 +51,7 @@ class Discovery:
     """What policy discovery found for one message.
 
     ``policy`` is the policy that applies to the From domain ("none",
-    "quarantine", "reject") or one of the ``NO_*``/``BAD_FROM``/
+    "quarantine", "reject") or one of the ``NO_*``/``BAD_*``/
     ``SEVERAL_FROM``/``DNS_ERROR`` strings; ``domain`` is the From domain
     (A-labels) and ``record_domain`` where the record was found.
     """
@@ -106,16 +107,20 @@ def parse_record(text: str) -> Record | None:
     return Record(p=p, sp=sp)
 
 
-def select_record(txts: Iterable[bytes | str]) -> Record | None:
-    """The DMARC record among the TXT records at a name: exactly one, else None
-    (RFC 7489 6.6.3: several records, or none, means no policy)."""
+def select_record(txts: Iterable[bytes | str]) -> tuple[bool, Record | None]:
+    """``(any, record)`` for the TXT records at a ``_dmarc`` name (RFC 7489 6.6.3).
+
+    ``any`` is False when none of them is a DMARC record (discovery goes on at
+    the organizational domain); otherwise discovery ends here, with the
+    policy ``record``, or None when there are several DMARC records or the
+    one there gives no policy.
+    """
     found: list[Record | None] = []
     for txt in txts:
         text = txt.decode("utf-8", "replace") if isinstance(txt, bytes) else txt
-        if not _VERSION.match(text):
-            continue  # not a DMARC record: discarded (6.6.3 step 3)
-        found.append(parse_record(text))
-    return found[0] if len(found) == 1 else None  # several: no policy
+        if _VERSION.match(text):  # others are discarded (6.6.3 step 3)
+            found.append(parse_record(text))
+    return bool(found), found[0] if len(found) == 1 else None
 
 
 # -- organizational domain ---------------------------------------------------------
@@ -135,6 +140,7 @@ def organizational_domain(domain: str) -> str:
 # -- the From field ------------------------------------------------------------------
 
 _FROM_POLICY = email.policy.default
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 def from_domain(values: Sequence[str]) -> tuple[str, str]:
@@ -144,6 +150,7 @@ def from_domain(values: Sequence[str]) -> tuple[str, str]:
         return "", NO_FROM
     domains: set[str] = set()
     for value in values:
+        value = _FOLD.sub("", value)
         if _has_bad_chars(value):
             return "", BAD_FROM
         try:
@@ -155,21 +162,18 @@ def from_domain(values: Sequence[str]) -> tuple[str, str]:
         if header.defects or not addresses:
             return "", BAD_FROM
         for address in addresses:
-            try:
-                domain = names.ascii_domain(address.domain)
-            except ValueError:
+            domain = normalize_domain(address.domain)
+            if not address.username or domain is None:
                 return "", BAD_FROM
-            if not address.username or not domain or "." not in domain.strip("."):
-                return "", BAD_FROM
-            domains.add(domain.lower().rstrip("."))
+            domains.add(domain.lower())
     if len(domains) != 1:
         return "", SEVERAL_FROM
     return domains.pop(), ""
 
 
 def _has_bad_chars(value: str) -> bool:
-    """Undecodable bytes (surrogate escapes) or controls other than folding."""
-    return any(ord(c) < 0x20 and c not in "\t\r\n" or c == "\x7f"
+    """Undecodable bytes (surrogate escapes) or controls other than a tab."""
+    return any(ord(c) < 0x20 and c != "\t" or c == "\x7f"
                or 0xD800 <= ord(c) <= 0xDFFF for c in value)
 
 
@@ -186,14 +190,14 @@ def discover(from_values: Sequence[str],
     if problem:
         return Discovery(problem)
     org = organizational_domain(domain)
+    names = [domain] if org == domain else [domain, org]
     try:
-        record = select_record(lookup_txt(f"_dmarc.{domain}"))
-        if record is not None:
-            return Discovery(record.p, domain, domain)
-        if org != domain:
-            record = select_record(lookup_txt(f"_dmarc.{org}"))
-            if record is not None:
-                return Discovery(record.sp, domain, org)
+        for name in names:
+            found, record = select_record(lookup_txt(f"_dmarc.{name}"))
+            if found:
+                if record is None:
+                    return Discovery(BAD_RECORD, domain, name)
+                return Discovery(record.p if name == domain else record.sp, domain, name)
     except DmarcLookupError:
         return Discovery(DNS_ERROR, domain)
     return Discovery(NO_RECORD, domain)
