@@ -7,6 +7,8 @@ the From field names the domain whose DMARC policy decides.
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 import libmilter_ext.protocol as P
 from libmilter_ext.testing import MilterClient
+from spfmilter.milter import logvalue
 from tests.procs import PYTHON, Daemon
 from tests.test_daemon import AR, FAIL, _wait_for, spf_results, write_config
 from tests.test_daemon import run as run_session
@@ -154,3 +157,40 @@ def test_other_fields_do_not_disturb_the_held_verdict(deferring):
     assert resp.stage == "eom"
     assert [m.name for m in resp.modifications if m.kind == "insheader"].count(AR) == 1
     assert "deferred=dmarc" in log_line(deferring, qid)
+
+
+# -- spfmilter test --header-from: the same path ------------------------------------------
+
+@pytest.mark.parametrize("from_values", [
+    ["a@reject.dmarc.test"], ["a@other.dmarc.test"], ["a@none.dmarc.test"],
+    ["a@servfail.test"], [], ["a@reject.dmarc.test", "b@none.dmarc.test"], ["junk"],
+])
+def test_test_command_agrees_with_the_daemon(deferring, dns_server, tmp_path, from_values):
+    cfg = tmp_path / "c.cfg"
+    write_config(cfg, tmp_path, dns_server, policy="dmarc_defer = yes")
+    args = [a for v in from_values for a in ("--header-from", v)]
+    out = subprocess.run([PYTHON, "-m", "spfmilter", "-c", str(cfg), "test", "--ip",
+                          "127.0.0.2", "--helo", "pass.spf.test", "--from", SENDER[1:-1],
+                          *args, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    resp, qid = run(deferring, from_values)
+    line = log_line(deferring, qid)
+    assert f" action={data['action']} " in line
+    assert data["deferred"] == ("deferred=dmarc" in line)
+    assert f"dmarc={logvalue(data['dmarc'])}" in line
+    if data["action"] == "reject":
+        assert data["reply"].endswith(resp.text)
+    text = subprocess.run([PYTHON, "-m", "spfmilter", "-c", str(cfg), "test", "--ip",
+                           "127.0.0.2", "--helo", "pass.spf.test", "--from", SENDER[1:-1],
+                           *args], capture_output=True, text=True, timeout=60).stdout
+    assert f"dmarc: {data['dmarc']}" in text
+
+
+def test_check_config_names_a_bad_value(tmp_path):
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text("[policy]\n\ndmarc_defer = sometimes\n")
+    out = subprocess.run([PYTHON, "-m", "spfmilter", "-c", str(cfg), "check-config"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert f"{cfg}:3:" in out.stderr and "dmarc_defer" in out.stderr
