@@ -222,7 +222,8 @@ def _dmarc_fields(verdict: transaction.Verdict) -> str:
     if verdict.dmarc is None:
         return ""
     deferred = " deferred=dmarc" if verdict.deferred else ""
-    return f" dmarc={logvalue(verdict.dmarc.policy)}{deferred}"
+    return (f" dmarc={logvalue(verdict.dmarc.policy)}{deferred}"
+            f" header_from={logvalue(verdict.dmarc.domain)}")
 
 
 class DmarcSpfMilter(SpfMilter):
@@ -265,6 +266,13 @@ class DmarcSpfMilter(SpfMilter):
         self._log(verdict, action)
         self.verdict = None
         return _VERDICTS[action]
+
+    def on_exception(self, stage: str, exc: BaseException) -> int:
+        if stage == "eoh" and self.verdict is not None:  # the held reject gives way
+            decision = policy.error_decision(self.cfg.milter.on_error)
+            self.verdict = transaction.Verdict(self.verdict.helo, self.verdict.mailfrom,
+                                               decision, None, self.verdict.header_fields)
+        return super().on_exception(stage, exc)
 
 
 def factory(holder: RuntimeHolder) -> Callable[[], SpfMilter]:

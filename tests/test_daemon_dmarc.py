@@ -17,7 +17,7 @@ import pytest
 import libmilter_ext.protocol as P
 from libmilter_ext.testing import MilterClient
 from spfmilter.milter import logvalue
-from tests.procs import PYTHON, Daemon
+from tests.procs import PYTHON, ROOT, Daemon
 from tests.test_daemon import AR, FAIL, _wait_for, spf_results, write_config
 from tests.test_daemon import run as run_session
 
@@ -58,7 +58,7 @@ def run(daemon, from_values=("a@reject.dmarc.test",), *, helo="pass.spf.test",
 def log_line(daemon, qid: str) -> str:
     def find() -> str | None:
         return next((x for x in daemon.stderr().splitlines()
-                     if f"qid={qid} " in x and " action=" in x), None)
+                     if f"qid={qid} " in x and " action=" in x and " reason=" in x), None)
     _wait_for(lambda: find() is not None)
     return find() or ""
 
@@ -194,3 +194,25 @@ def test_check_config_names_a_bad_value(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert f"{cfg}:3:" in out.stderr and "dmarc_defer" in out.stderr
+
+
+@pytest.mark.parametrize("on_error,expected", [
+    ("tempfail", ("replycode", 451, "4.3.0")), ("reject", ("replycode", 550, "5.3.0")),
+    ("accept", ("continue", None, None)),
+])
+def test_internal_error_at_end_of_headers_gives_on_error(dns_server, on_error, expected):
+    with tempfile.TemporaryDirectory(prefix="spfd", dir="/tmp") as d:
+        work = Path(d)
+        cfg = work / "c.cfg"
+        write_config(cfg, work, dns_server, policy="dmarc_defer = yes")
+        cfg.write_text(cfg.read_text().replace("timeout = 30",
+                                               f"timeout = 30\non_error = {on_error}"))
+        argv = [PYTHON, str(ROOT / "tests" / "milters" / "spf_broken_dns.py"), str(cfg)]
+        with Daemon(argv, f"unix:{work}/spf.sock", work) as proc:
+            resp, qid = run(proc, ["a@boom.dmarc.test"])
+            stage = "eom" if on_error == "accept" else "eoh"
+            assert (resp.stage, resp.action, resp.code, resp.xcode) == (stage, *expected)
+            if on_error == "accept":  # accepted unchecked: the header still goes in
+                assert spf_results(resp) == {"helo": "pass", "mailfrom": "fail"}
+                assert 'action=accept reason="internal error"' in log_line(proc, qid)
+        assert f"internal error in eoh, action={on_error}" in proc.stderr()
