@@ -832,4 +832,7 @@ def warnings(config: Config) -> list[str]:
         )
     if config.policy.test_only:
         found.append("[policy] test_only = yes: nothing will be rejected")
+    if config.policy.dmarc_defer and not config.headers.authentication_results:
+        found.append("[policy] dmarc_defer = yes with [headers] authentication_results = no:"
+                     " mail accepted for DMARC carries no spf=fail result for the verifier")
     return found

@@ -260,3 +260,12 @@ def test_any_from_gives_deferral_or_spf_verdict(values):
         assert record is not None and found.policy in (record.p, record.sp)
     else:
         assert after == decision
+
+
+def test_check_config_warns_when_deferred_mail_would_carry_no_result():
+    from spfmilter import config
+
+    base = "[policy]\ndmarc_defer = yes\n"
+    assert not [w for w in config.warnings(config.loads(base)) if "dmarc_defer" in w]
+    cfg = config.loads(base + "[headers]\nauthentication_results = no\n")
+    assert [w for w in config.warnings(cfg) if "dmarc_defer" in w]
