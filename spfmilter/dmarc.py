@@ -130,6 +130,11 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+def preload() -> None:
+    """Parse the Public Suffix List now (about a second) rather than on the first message."""
+    _psl()
+
+
 def organizational_domain(domain: str) -> str:
     """The organizational domain of *domain* (RFC 7489 3.2): its public suffix
     plus one label; *domain* itself when it is a public suffix or shorter."""

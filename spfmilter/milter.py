@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import libmilter_ext as lm
 
-from . import headers, policy, transaction
+from . import dmarc, headers, policy, transaction
 from .config import Config
 from .results import SpfResult
 from .spfcheck import SpfChecker
@@ -277,6 +277,9 @@ class DmarcSpfMilter(SpfMilter):
 
 def factory(holder: RuntimeHolder) -> Callable[[], SpfMilter]:
     """A milter factory that gives each new connection the current runtime."""
+    if holder.current.config.policy.dmarc_defer:
+        dmarc.preload()  # else the first message waits for it (or after a reload)
+
     def new() -> SpfMilter:
         runtime = holder.current
         cls = DmarcSpfMilter if runtime.config.policy.dmarc_defer else SpfMilter
