@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--from", dest="sender", required=True,
                       help="MAIL FROM address ('' or '<>' for the null sender)")
     test.add_argument("--auth", action="store_true", help="as an SMTP-authenticated client")
+    test.add_argument("--header-from", action="append", metavar="VALUE",
+                      help="RFC 5322 From field value, for dmarc_defer (repeat for several)")
     test.add_argument("--json", action="store_true", help="print one JSON object")
     test.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
                       help="RCPT TO address (repeatable): show what each recipient gets")
@@ -93,6 +95,8 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
         forwarder = transaction.forwarder_skip(cfg, checker, args.ip, args.helo)
     verdict = transaction.judge(cfg, checker, ip=args.ip, helo=args.helo, sender=args.sender,
                                 authenticated=args.auth, skip=forwarder)
+    if transaction.held(cfg, verdict):  # as the milter at end of headers
+        verdict = transaction.review_dmarc(checker, verdict, args.header_from or [])
     d = verdict.decision
     reply = _reply_text(d)
     header_lines = [f"{name}: {value}" for name, value in verdict.header_fields]
@@ -111,6 +115,8 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
             "action": d.action, "would_action": d.would_action,
             "reason": d.reason, "reply": reply, "headers": header_lines,
             **({"recipients": rcpts} if args.rcpt else {}),
+            "dmarc": None if verdict.dmarc is None else verdict.dmarc.policy,
+            "deferred": verdict.deferred,
         }, ensure_ascii=True))
         return EXIT_OK
     for r in (verdict.helo, verdict.mailfrom):
@@ -126,6 +132,10 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
     print(f"action: {d.action}" + (f" (would {d.would_action})"
                                    if d.would_action != d.action else ""))
     print(f"reason: {d.reason}")
+    if verdict.dmarc is not None:
+        where = verdict.dmarc.record_domain
+        print(f"dmarc: {verdict.dmarc.policy}" + (f" (_dmarc.{where})" if where else "")
+              + (", deferred=dmarc" if verdict.deferred else ""))
     if reply:
         print("reply:")
         for line in reply.split("\r\n"):

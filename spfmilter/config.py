@@ -524,6 +524,10 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
             parse_our_names, "", "our names and addresses (HELO is_us); empty = authserv-id, j",
             _format_list
         ),
+        "dmarc_defer": Option(
+            parse_bool, "no", "leave a MAIL FROM reject to a DMARC p=quarantine/reject",
+            _format_bool,
+        ),
     },
     "headers": {
         "authentication_results": Option(
@@ -635,6 +639,7 @@ class PolicyConfig:
     helo_is_us: str = _default("policy", "helo_is_us")
     helo_invalid: str = _default("policy", "helo_invalid")
     our_names: tuple[str, ...] = _default("policy", "our_names")
+    dmarc_defer: bool = _default("policy", "dmarc_defer")
     domains: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
     #: ``[recipient:X]`` sections: ``{"example.net": {"test_only": True}, "bob@example.net": ...}``
     recipients: Mapping[str, Mapping[str, Any]] = field(
@@ -833,6 +838,9 @@ def loads(text: str, filename: str = "<string>") -> Config:
         if values["policy"].get("exempt_recipients"):
             raise error("needs reject_at = rcpt (no recipient is known at MAIL FROM)",
                         "policy", "exempt_recipients")
+    elif values["policy"].get("dmarc_defer"):
+        raise error("cannot be used with reject_at = rcpt (a refusal held for the From field"
+                    " comes after the RCPTs it would have to refuse)", "policy", "dmarc_defer")
     values["policy"]["recipients"] = MappingProxyType(
         {key: MappingProxyType(opts) for key, opts in sorted(recipients.items())})
     values["policy"]["domains"] = MappingProxyType(
@@ -943,6 +951,9 @@ def warnings(config: Config) -> list[str]:
             " SPF through the milter or load it; bind 127.0.0.1 or ::1, firewall the port"
             " or use a unix socket (see spfmilter(8))"
         )
+    if config.policy.dmarc_defer and not config.headers.authentication_results:
+        found.append("[policy] dmarc_defer = yes with [headers] authentication_results = no:"
+                     " mail accepted for DMARC carries no spf=fail result for the verifier")
     return found
 
 

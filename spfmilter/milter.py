@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import libmilter_ext as lm
 
-from . import headers, policy, recipients, transaction
+from . import dmarc, headers, policy, recipients, transaction
 from .config import Config
 from .results import SpfResult
 from .spfcheck import SpfChecker
@@ -126,7 +126,7 @@ class SpfMilter(lm.Milter):
             receiver=self.receiver, our_addresses=self.our_addresses)
         self.verdict = verdict
         action = verdict.decision.action
-        if action == "accept" or self.cfg.policy.reject_at == "rcpt":
+        if action == "accept" or self.cfg.policy.reject_at == "rcpt" or self._hold(verdict):
             return lm.CONTINUE
         self._reply(verdict.decision)
         self._log(verdict, action)
@@ -196,6 +196,10 @@ class SpfMilter(lm.Milter):
             self.forwarder_checked = True
         return self.forwarder
 
+    def _hold(self, verdict: transaction.Verdict) -> bool:
+        """True to hold a reject until a later stage (DmarcSpfMilter)."""
+        return False
+
     def _reply(self, decision: policy.Decision) -> None:
         if decision.code is not None:
             self.setreply(str(decision.code), decision.xcode, *decision.reply_lines)
@@ -220,14 +224,15 @@ class SpfMilter(lm.Milter):
                 " rcpts=" + logvalue(recipients.log_list(self.rcpts))))
         log.info(
             "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s%s action=%s%s "
-            "reason=%s%s%s",
+            "reason=%s%s%s%s",
             logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
             logvalue(self.sender),
             verdict.helo.result if verdict.helo else "-",
             verdict.mailfrom.result if verdict.mailfrom else "-",
             f" helo_finding={','.join(verdict.helo_findings)}" if verdict.helo_findings else "",
             action, f" would={d.would_action}" if d.would_action != action else "",
-            logvalue(d.reason), rcpt_fields, f" outcome={outcome}" if outcome else "")
+            logvalue(d.reason), rcpt_fields, _dmarc_fields(verdict),
+            f" outcome={outcome}" if outcome else "")
 
 
 class RcptSpfMilter(SpfMilter):
@@ -253,12 +258,73 @@ class RcptSpfMilter(SpfMilter):
         return _VERDICTS[decided.action]
 
 
+def _dmarc_fields(verdict: transaction.Verdict) -> str:
+    if verdict.dmarc is None:
+        return ""
+    deferred = " deferred=dmarc" if verdict.deferred else ""
+    return (f" dmarc={logvalue(verdict.dmarc.policy)}{deferred}"
+            f" header_from={logvalue(verdict.dmarc.domain)}")
+
+
+class DmarcSpfMilter(SpfMilter):
+    """SpfMilter with ``dmarc_defer``: a MAIL FROM reject waits for the From field.
+
+    A class of its own so that the default configuration neither receives From
+    fields nor negotiates the end-of-headers stage.
+    """
+
+    header_names = SpfMilter.header_names | {"from"}
+    macros = {**SpfMilter.macros, "eoh": "i"}
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.held = False
+        self.from_values: list[str] = []
+
+    def _hold(self, verdict: transaction.Verdict) -> bool:
+        self.held = transaction.held(self.cfg, verdict)
+        return self.held
+
+    @lm.noreply
+    def header(self, name: str, value: str) -> int:
+        if self.held and name.lower() == "from":
+            self.from_values.append(value)
+            return lm.CONTINUE
+        return super().header(name, value)
+
+    def eoh(self) -> int:
+        if not self.held or self.verdict is None:
+            return lm.CONTINUE
+        self.held = False
+        self.queue_id = self.getsymval("i") or self.queue_id
+        verdict = self.verdict = transaction.review_dmarc(self.checker, self.verdict,
+                                                          self.from_values)
+        action = verdict.decision.action
+        if action == "accept":
+            return lm.CONTINUE
+        self._reply(verdict.decision)
+        self._log(verdict, action)
+        self.verdict = None
+        return _VERDICTS[action]
+
+    def on_exception(self, stage: str, exc: BaseException) -> int:
+        if stage == "eoh" and self.verdict is not None:  # the held reject gives way
+            decision = policy.error_decision(self.cfg.milter.on_error)
+            self.verdict = transaction.Verdict(self.verdict.helo, self.verdict.mailfrom,
+                                               decision, None, self.verdict.header_fields)
+        return super().on_exception(stage, exc)
+
+
 def factory(holder: RuntimeHolder) -> Callable[[], SpfMilter]:
     """A milter factory that gives each new connection the current runtime."""
+    if holder.current.config.policy.dmarc_defer:
+        dmarc.preload()  # else the first message waits for it (or after a reload)
+
     def make() -> SpfMilter:
         runtime = holder.current
-        if runtime.config.policy.reject_at == "rcpt":
+        if runtime.config.policy.reject_at == "rcpt":  # never with dmarc_defer (config)
             return RcptSpfMilter(runtime)
-        return SpfMilter(runtime)
+        cls = DmarcSpfMilter if runtime.config.policy.dmarc_defer else SpfMilter
+        return cls(runtime)
 
     return make

@@ -19,7 +19,7 @@ naming the finding, since reply_text's placeholders describe an SPF result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import names, replies
 from .config import PolicyConfig
@@ -142,6 +142,23 @@ def helo_decision(facts: Facts, policy: PolicyConfig) -> Decision | None:
     helo = helo if len(helo) <= 80 else helo[:77] + "..."
     text = _HYGIENE_TEXT[finding].format(helo=helo or "-", ip=replies.clean(facts.ip) or "-")
     return Decision(action, action, code, xcode, (text,), reason, "helo")
+
+
+def dmarc_deferrable(decision: Decision, policy: PolicyConfig) -> bool:
+    """True when ``dmarc_defer`` holds this decision until the From field's DMARC
+    policy is known: a reject driven by MAIL FROM (HELO rejects are never held)."""
+    return (policy.dmarc_defer and decision.action == "reject"
+            and decision.identity == "mailfrom")
+
+
+def after_dmarc(decision: Decision, dmarc_policy: str) -> Decision:
+    """A held decision once the DMARC policy is known: dropped (accept, the
+    DMARC verifier downstream decides) for p=quarantine or p=reject; for
+    anything else -- none, no record, a bad From, a DNS error -- the SPF
+    decision as it was (never fail open)."""
+    if dmarc_policy not in ("quarantine", "reject"):
+        return decision
+    return replace(decision, action="accept", code=None, xcode=None, reply_lines=())
 
 
 _ERROR_REPLIES = {

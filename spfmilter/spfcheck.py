@@ -42,6 +42,10 @@ _LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
 _PREFIXES = ("SPF Permanent Error: ", "SPF Temporary Error: ")
 
 
+class LookupFailed(Exception):
+    """A DNS lookup outside an SPF check failed (server failure, timeout)."""
+
+
 class _Answer(NamedTuple):
     """One cached lookup, already in the shape pyspf wants.
 
@@ -458,6 +462,16 @@ class SpfChecker:
         return result, explanation, comment
 
     # -- DNS ------------------------------------------------------------------
+
+    def lookup_txt(self, name: str) -> list[bytes]:
+        """The TXT records at *name*, each one's strings joined, through the same
+        cache and resolver as SPF checks; [] when there are none.  Raises
+        :class:`LookupFailed` on a DNS error or timeout."""
+        session = _Session(self, time.monotonic() + self.lookup_timeout)
+        try:
+            return [b"".join(strings) for _key, strings in self._lookup(session, name, "TXT")]
+        except spf.TempError as exc:
+            raise LookupFailed(str(exc)) from None
 
     def _lookup(self, session: _Session, name: str, qtype: str) -> list:
         """Answer one pyspf lookup from the cache or DNS; raise spf.TempError."""

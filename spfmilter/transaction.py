@@ -6,13 +6,13 @@ Shared by the milter and by ``spfmilter test`` so both give the same answer.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from . import config, headers, names, policy
+from . import config, dmarc, headers, names, policy
 from . import helo as helomod
 from .config import Config
 from .results import SpfResult
-from .spfcheck import SpfChecker
+from .spfcheck import LookupFailed, SpfChecker
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ class Verdict:
     header_fields: tuple[tuple[str, str], ...]  # (name, value), top first
     facts: policy.Facts | None = None  # what the decision was made from (per-recipient policy)
     helo_findings: tuple[str, ...] = ()  # HELO hygiene (spfmilter.helo), () when skipped
+    dmarc: dmarc.Discovery | None = None  # set when dmarc_defer held the decision
+
+    @property
+    def deferred(self) -> bool:
+        """True when the SPF reject was dropped for the From domain's DMARC policy."""
+        return self.dmarc is not None and self.dmarc.enforcing
 
 
 def client_ip(ip: str) -> str:
@@ -128,6 +134,24 @@ def judge(cfg: Config, checker: SpfChecker, *, ip: str | None, helo: str, sender
                    header_fields=build_headers(cfg, facts, helo=helo, receiver=receiver),
                    facts=facts,
                    helo_findings=findings)
+
+
+def held(cfg: Config, verdict: Verdict) -> bool:
+    """True when ``dmarc_defer`` holds this verdict until the end of headers."""
+    return policy.dmarc_deferrable(verdict.decision, cfg.policy)
+
+
+def review_dmarc(checker: SpfChecker, verdict: Verdict, from_values: list[str]) -> Verdict:
+    """A held verdict decided by the DMARC policy of the From field(s) *from_values*."""
+    def lookup_txt(name: str) -> list[bytes]:
+        try:
+            return checker.lookup_txt(name)
+        except LookupFailed as exc:
+            raise dmarc.DmarcLookupError(str(exc)) from None
+
+    found = dmarc.discover(from_values, lookup_txt)
+    return replace(verdict, decision=policy.after_dmarc(verdict.decision, found.policy),
+                   dmarc=found)
 
 
 def build_headers(cfg: Config, facts: policy.Facts, *, helo: str = "",

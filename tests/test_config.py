@@ -544,3 +544,9 @@ def test_no_forged_warning_without_authentication_results() -> None:
 def test_umask_warning_only_for_unix_sockets() -> None:
     text = "[milter]\numask = 022\nsocket = inet:1@127.0.0.1\n"
     assert cfg.warnings(loads(text)) == []
+
+
+def test_dmarc_defer_and_reject_at_rcpt_exclude_each_other():
+    with pytest.raises(ConfigError) as info:
+        loads("[policy]\nreject_at = rcpt\ndmarc_defer = yes\n", filename="x.cfg")
+    assert str(info.value).startswith("x.cfg:3: [policy] dmarc_defer: cannot be used with")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DnsServer
+from tests.e2e.dmarc_scenarios import DmarcScenarios
 from tests.e2e.mta import (
     Postfix,
     SaslUser,
@@ -56,7 +57,7 @@ def mta(workdir: Path, milter: SpfMilter, sasl_user: SaslUser) -> Iterator[Postf
     server.stop()
 
 
-class TestPostfix(MtaScenarios):
+class TestPostfix(MtaScenarios, DmarcScenarios):
     # milter_default_action = tempfail in the snippet.
     MILTER_DOWN = (451, "4.7.1")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DnsServer
+from tests.e2e.dmarc_scenarios import DmarcScenarios
 from tests.e2e.mta import SaslUser, Sendmail, SpfMilter, filter_line, make_sasldb, sendmail_snippet
 from tests.e2e.scenarios import MtaScenarios
 
@@ -44,7 +45,7 @@ def mta(workdir: Path, milter: SpfMilter, sasl_user: SaslUser) -> Iterator[Sendm
     server.stop()
 
 
-class TestSendmail(MtaScenarios):
+class TestSendmail(MtaScenarios, DmarcScenarios):
     # F=T in the snippet: Sendmail tempfails while it cannot reach the milter.
     MILTER_DOWN = (451, "4.3.2")
 

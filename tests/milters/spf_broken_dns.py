@@ -1,4 +1,5 @@
-"""Run the real spfmilter daemon with an SPF checker (and AR parser) that raise, for on_error.
+"""Run the real spfmilter daemon with an SPF checker (and AR parser) that raise, for on_error
+(a TXT lookup of a name with "boom" in it raises too, for dmarc_defer).
 
 Usage: spf_broken_dns.py CONFIG
 """
@@ -14,6 +15,11 @@ class ExplodingChecker(SpfChecker):
         if "boom" in sender:
             raise RuntimeError("checker exploded")
         return super().check_mailfrom(ip, sender, helo, receiver)
+
+    def lookup_txt(self, name):
+        if "boom" in name:
+            raise RuntimeError("TXT lookup exploded")
+        return super().lookup_txt(name)
 
 
 REAL_HEADERS = milter.headers
