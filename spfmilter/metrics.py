@@ -52,6 +52,8 @@ SKIPS: dict[str, str] = {
     "authenticated": "authenticated",
 }
 OTHER = "other"
+#: Whether Verdict carries the dmarc_defer marker (issue 10 part 2) to count.
+_VERDICT_DEFERS = hasattr(Verdict, "deferred")
 #: internal_errors_total stage label: the milter stages SpfMilter implements.
 STAGES = ("connect", "helo", "envfrom", "header", "eom", "abort", "close", OTHER)
 
@@ -146,7 +148,7 @@ class Metrics:
             if child is None:
                 child = self._skip_children.setdefault(label, self._skips.labels(label))
             child.inc()
-        if getattr(verdict, "deferred", None) or getattr(verdict.decision, "deferred", None):
+        if _VERDICT_DEFERS and verdict.deferred:  # type: ignore[attr-defined]
             self._deferred.inc()
 
     def evaluation(self, stage: str, seconds: float) -> None:
@@ -154,7 +156,7 @@ class Metrics:
         self._stage_children[stage].observe(seconds)
 
     def dmarc_deferred(self) -> None:
-        """Count an SPF reject deferred to DMARC (if the verdict carries no marker)."""
+        """Count an SPF reject deferred to DMARC, where no Verdict.deferred says so."""
         self._deferred.inc()
 
     # -- rare events -----------------------------------------------------------

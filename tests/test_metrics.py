@@ -310,3 +310,25 @@ def test_any_reason_maps_into_the_fixed_set(text):
     assert metrics.skip_label(text) in SKIP_LABELS
     assert metrics.reason_label("skipped: " + text) in REASON_LABELS
     assert metrics.skip_label("forwarder " + text) == "forwarder"
+
+
+def test_dmarc_deferred_and_checker_swap_keep_counting():
+    from spfmilter.spfcheck import SpfChecker
+    old = SpfChecker(nameservers=[("127.0.0.1", 1)], cache_size=10)
+    m = metrics.Metrics(old)
+    m.dmarc_deferred()
+    m.dmarc_deferred()
+    assert m.registry.get_sample_value("spfmilter_dmarc_deferred_total") == 2
+    old.cache.get(("x.example", "TXT"))  # two misses, one hit on the old checker
+    old.cache.put(("x.example", "TXT"), "answer", 60)
+    old.cache.get(("x.example", "TXT"))
+    old.cache.get(("y.example", "TXT"))
+    new = SpfChecker(nameservers=[("127.0.0.1", 1)], cache_size=10)
+    m.use_checker(new)
+    new.cache.get(("z.example", "TXT"))
+    sample = m.registry.get_sample_value
+    assert (sample("spfmilter_dns_cache_hits_total"),
+            sample("spfmilter_dns_cache_misses_total")) == (1, 3)
+    assert sample("spfmilter_dns_cache_entries") == 0  # the new cache's own size
+    m.use_checker(new)  # the same checker again (a reload keeping [spf]): no double count
+    assert sample("spfmilter_dns_cache_misses_total") == 3
