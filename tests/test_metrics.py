@@ -4,6 +4,7 @@ known transactions against NSD; the config rules; bounded labels."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 import socket
@@ -188,6 +189,41 @@ def test_internal_error_counted_ipv6_endpoint(dns_server):
                    if name == "spfmilter_internal_errors_total") == 1
         assert value(got, "spfmilter_transactions_total", action="accept",
                      reason="policy") == 1
+
+
+def _free_privileged_port() -> int:
+    for port in range(1023, 899, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below 1024")
+
+
+def test_privileged_port_bound_before_the_drop_to_nobody(dns_server):
+    nobody = pwd.getpwnam("nobody")
+    with tempfile.TemporaryDirectory(prefix="spfm", dir="/tmp") as d:
+        base = Path(d)
+        base.chmod(0o755)
+        run_dir = base / "run"
+        run_dir.mkdir()
+        os.chown(run_dir, nobody.pw_uid, nobody.pw_gid)
+        cfg = base / "c.cfg"
+        listen = f"127.0.0.1:{_free_privileged_port()}"
+        metrics_config(cfg, run_dir, dns_server, listen)
+        cfg.write_text(cfg.read_text().replace("user =\ngroup =\n",
+                                               "user = nobody\ngroup = nogroup\n"))
+        with Daemon([PYTHON, "-m", "spfmilter", "-c", str(cfg), "run", "--stderr"],
+                    f"unix:{run_dir}/spf.sock", base) as proc:
+            _wait_for(lambda: "spfmilter starting" in proc.stderr())
+            status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert uids.split()[1:] == [str(nobody.pw_uid)] * 4
+            assert run(proc, sender="<u@fail.spf.test>").code == 550
+            assert value(scrape(listen), "spfmilter_transactions_total", action="reject",
+                         reason="mailfrom_fail") == 1
 
 
 def test_off_by_default_opens_no_port(dns_server):
