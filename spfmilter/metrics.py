@@ -123,7 +123,8 @@ class Metrics:
                                                  "mailfrom_temperror")}
         self._spf_children = {(i, r): self._spf.labels(i, r)
                               for i in IDENTITIES for r in RESULTS}
-        self._skip_children: dict[str, Any] = {}
+        self._skip_children = {label: self._skips.labels(label)
+                               for label in (*SKIPS.values(), "forwarder", OTHER)}
         self._stage_children = {s: self._seconds.labels(s) for s in IDENTITIES}
         self._error_children = {s: self._errors.labels(s) for s in STAGES}
         self._reload_children = {r: self._reloads.labels(r) for r in ("ok", "refused",
@@ -143,11 +144,7 @@ class Metrics:
             if spf is not None and spf.checked:
                 self._spf_children[(spf.identity, spf.result)].inc()
         if verdict.skip is not None:
-            label = skip_label(verdict.skip)
-            child = self._skip_children.get(label)
-            if child is None:
-                child = self._skip_children.setdefault(label, self._skips.labels(label))
-            child.inc()
+            self._skip_children[skip_label(verdict.skip)].inc()
         if _VERDICT_DEFERS and verdict.deferred:  # type: ignore[attr-defined]
             self._deferred.inc()
 
