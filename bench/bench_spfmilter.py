@@ -43,6 +43,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -150,8 +151,15 @@ def ensure_pyspf_venv(venv: Path) -> dict[str, str]:
     return versions
 
 
-def spfmilter_config(workdir: Path, nameserver: str) -> tuple[Path, str]:
-    """Our default policy, with loopback clients checked (the zones use 127/8 and ::1)."""
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def spfmilter_config(workdir: Path, nameserver: str, metrics: bool = False) -> tuple[Path, str]:
+    """Our default policy, with loopback clients checked (the zones use 127/8 and ::1);
+    metrics: with the Prometheus endpoint on (a free loopback port)."""
     spec = f"unix:{workdir}/spf.sock"
     path = workdir / "spfmilter.cfg"
     path.write_text(f"""\
@@ -169,7 +177,8 @@ nameservers = {nameserver}
 
 [policy]
 internal_hosts =
-""", encoding="ascii")
+""" + (f"\n[metrics]\nlisten = 127.0.0.1:{_free_port()}\n" if metrics else ""),
+                    encoding="ascii")
     return path, spec
 
 
@@ -525,6 +534,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pyspf-venv", type=Path, default=None,
                         help="venv for spf-engine, made if missing (default "
                              "~/.cache/spfmilter-bench/spf-engine-3.1.0-pyX.Y)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="run spfmilter with [metrics] listen set (the Prometheus "
+                             "endpoint's hot-path cost)")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -572,7 +584,7 @@ def run(args: argparse.Namespace, pyspf: dict[str, str] | None) -> int:
 
 def milter_specs(args: argparse.Namespace, pyspf: dict[str, str] | None, tmp: Path,
                  nsd: Nsd) -> list[MilterSpec]:
-    cfg, spf_sock = spfmilter_config(tmp, nsd.nameserver)
+    cfg, spf_sock = spfmilter_config(tmp, nsd.nameserver, args.metrics)
     specs = [MilterSpec(SPF_LABEL, [sys.executable, "-m", "spfmilter", "-c", str(cfg), "run",
                                     "--stderr"],
                         spf_sock, [tmp / "spf.sock", tmp / "spf.pid"], "this tree")]

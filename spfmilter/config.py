@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import importlib.util
 import io
 import ipaddress
 import math
@@ -392,6 +393,48 @@ def _parse_facility(text: str) -> str:
     return _choice_parser(tuple(sorted(SysLogHandler.facility_names)))(text)
 
 
+@dataclass(frozen=True)
+class ListenAddress:
+    """An HTTP listening address: an IP address and a TCP port."""
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress | None:
+    """Empty (off), ``ADDRESS:PORT`` or ``[IPV6]:PORT``."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith("["):
+        host, bracket, port_text = text[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ValueError(f"{text!r}: expected [IPv6 address]:port")
+        port_text = port_text[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or ":" in host:
+            raise ValueError(f"{text!r}: expected address:port (IPv6 as [address]:port)")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if text.startswith("[") and address.version != 6:
+        raise ValueError(f"{text!r}: brackets are for IPv6 addresses")
+    return ListenAddress(str(address), _parse_port(port_text, repr(text)))
+
+
+def _format_listen(value: ListenAddress | None) -> str:
+    return "" if value is None else str(value)
+
+
 # ---------------------------------------------------------------------------
 # The schema
 
@@ -543,6 +586,22 @@ OPTIONS: Mapping[str, Mapping[str, Option]] = {
             parse_bool, "yes", "remove Authentication-Results claiming our id", _format_bool
         ),
     },
+    "metrics": {
+        "listen": Option(
+            parse_listen,
+            "",
+            "Prometheus endpoint: address:port or [ipv6]:port; empty = off",
+            _format_listen,
+            restart=True,
+        ),
+        "allow_remote": Option(
+            parse_bool,
+            "no",
+            "allow a listen address other than loopback (no authentication)",
+            _format_bool,
+            restart=True,
+        ),
+    },
 }
 
 #: Options a ``[domain:NAME]`` section may set.
@@ -657,6 +716,14 @@ class HeadersConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus endpoint."""
+
+    listen: ListenAddress | None = _default("metrics", "listen")
+    allow_remote: bool = _default("metrics", "allow_remote")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``source`` names the file it came from."""
 
@@ -664,6 +731,7 @@ class Config:
     spf: SpfConfig = field(default_factory=SpfConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     headers: HeadersConfig = field(default_factory=HeadersConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = field(default="<defaults>", compare=False)
 
 
@@ -672,6 +740,7 @@ SECTION_TYPES: Mapping[str, type] = {
     "spf": SpfConfig,
     "policy": PolicyConfig,
     "headers": HeadersConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -838,7 +907,10 @@ def loads(text: str, filename: str = "<string>") -> Config:
         if values["policy"].get("exempt_recipients"):
             raise error("needs reject_at = rcpt (no recipient is known at MAIL FROM)",
                         "policy", "exempt_recipients")
-    elif values["policy"].get("dmarc_defer"):
+    if values["policy"].get("dmarc_defer") and importlib.util.find_spec("publicsuffixlist") is None:
+        raise error("needs the Python package publicsuffixlist (pip install publicsuffixlist)",
+                    "policy", "dmarc_defer")
+    if values["policy"].get("reject_at", "mail") == "rcpt" and values["policy"].get("dmarc_defer"):
         raise error("cannot be used with reject_at = rcpt (a refusal held for the From field"
                     " comes after the RCPTs it would have to refuse)", "policy", "dmarc_defer")
     values["policy"]["recipients"] = MappingProxyType(
@@ -851,8 +923,19 @@ def loads(text: str, filename: str = "<string>") -> Config:
         spf=SpfConfig(**values["spf"]),
         policy=PolicyConfig(**values["policy"]),
         headers=HeadersConfig(**values["headers"]),
+        metrics=_metrics_config(values["metrics"], error),
         source=filename,
     )
+
+
+def _metrics_config(values: dict[str, Any],
+                    error: Callable[..., ConfigError]) -> MetricsConfig:
+    metrics = MetricsConfig(**values)
+    if metrics.listen is not None and not metrics.listen.loopback and not metrics.allow_remote:
+        raise error(f"{metrics.listen} is not a loopback address and the endpoint has no"
+                    " authentication: set allow_remote = yes to serve it there", "metrics",
+                    "listen")
+    return metrics
 
 
 def load(path: str | os.PathLike[str]) -> Config:

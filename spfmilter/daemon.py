@@ -21,6 +21,7 @@ import libmilter_ext as lm
 from . import config as configmod
 from . import sdnotify
 from .config import Config
+from .metrics import Metrics, MetricsServer
 from .milter import Runtime, RuntimeHolder, SpfMilter, factory
 from .spfcheck import SpfChecker
 
@@ -206,7 +207,10 @@ class Daemon:
         self.path = os.path.abspath(path)  # reload after a chdir("/") reads the same file
         self._stderr = False
         self._listener: logging.handlers.QueueListener | None = None
-        self.holder = RuntimeHolder(Runtime(cfg, make_checker(cfg)))
+        checker = make_checker(cfg)
+        self.metrics = None if cfg.metrics.listen is None else Metrics(
+            checker, libmilter=".".join(map(str, lm.version())))
+        self.holder = RuntimeHolder(Runtime(cfg, checker, self.metrics))
         self.notifier = sdnotify.Notifier.from_environment()  # connected while still root
         self.connections = 0
         self._spec = cfg.milter.socket.spec  # a changed socket waits for a restart
@@ -241,9 +245,11 @@ class Daemon:
             new = configmod.load(self.path)
         except configmod.ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
+            self._count_reload("refused")
             return False
         except OSError as exc:
             log.error("reload refused, keeping the running config: %s: %s", self.path, exc)
+            self._count_reload("refused")
             return False
         old = self.holder.current
         for section, option in configmod.restart_options():
@@ -252,11 +258,14 @@ class Daemon:
                 log.warning("reload: [%s] %s changed; it takes effect on restart",
                             section, option)
         checker = old.checker if new.spf == old.config.spf else make_checker(new)
-        self.holder.current = Runtime(new, checker)
+        if self.metrics is not None:
+            self.metrics.use_checker(checker)
+        self.holder.current = Runtime(new, checker, self.metrics)
         self._relog(new)
         for warning in configmod.warnings(new):
             log.warning("%s", warning)
         log.log(NOTICE, "configuration reloaded from %s", self.path)
+        self._count_reload("ok")
         return True
 
     def on_hup(self) -> None:
@@ -267,6 +276,11 @@ class Daemon:
         except Exception:
             self.holder.current = running
             log.exception("reload failed, keeping the running config")
+            self._count_reload("failed")
+
+    def _count_reload(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reload(result)
 
     def _relog(self, cfg: Config) -> None:
         old = self._listener
@@ -292,6 +306,14 @@ class Daemon:
         if sock_path:
             _prepare_dir(sock_path, uid, gid)
             clear_stale_socket(sock_path)
+        metrics_server = None
+        if self.metrics is not None and cfg.metrics.listen is not None:
+            try:  # bound as root (a port below 1024) and before the fork, so an error
+                # is seen by whoever started us
+                metrics_server = MetricsServer(self.metrics, cfg.metrics.listen)
+            except OSError as exc:
+                raise StartupError(f"cannot open the metrics endpoint {cfg.metrics.listen}:"
+                                   f" {exc.strerror or exc}") from None
         lm.register(self._counted(factory(self.holder)), cfg.milter.name)
         lm.settimeout(cfg.milter.timeout)
         old_umask = os.umask(cfg.milter.umask)
@@ -308,6 +330,9 @@ class Daemon:
         self._relog(cfg)  # after the fork: the listener thread must live in this process
         reporter = sdnotify.StatusReporter(self.notifier, self.status)
         try:
+            if metrics_server is not None:
+                metrics_server.start()  # its thread too
+                log.log(NOTICE, "metrics on http://%s/metrics", cfg.metrics.listen)
             if cfg.milter.pidfile:
                 with open(cfg.milter.pidfile, "w") as fh:
                     fh.write(f"{os.getpid()}\n")
@@ -320,6 +345,8 @@ class Daemon:
                     ".".join(map(str, lm.version())), cfg.spf.authserv_id)
             lm.main(on_hup=self.on_hup)
         finally:
+            if metrics_server is not None:
+                metrics_server.stop()
             for path in (cfg.milter.pidfile, sock_path):
                 if path:
                     try:

@@ -15,8 +15,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-
-from publicsuffixlist import PublicSuffixList
+from typing import Any
 
 from .spfcheck import normalize_domain
 
@@ -126,7 +125,10 @@ def select_record(txts: Iterable[bytes | str]) -> tuple[bool, Record | None]:
 # -- organizational domain ---------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
-def _psl() -> PublicSuffixList:
+def _psl() -> Any:
+    # Imported here: only dmarc_defer needs it, and Debian 12 does not package it.
+    from publicsuffixlist import PublicSuffixList
+
     return PublicSuffixList()
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import libmilter_ext as lm
 
@@ -14,6 +15,9 @@ from . import dmarc, headers, policy, recipients, transaction
 from .config import Config
 from .results import SpfResult
 from .spfcheck import SpfChecker
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ class Runtime:
 
     config: Config
     checker: SpfChecker
+    metrics: Metrics | None = None  # the daemon's, kept across reloads; None: off
 
 
 class RuntimeHolder:
@@ -71,6 +76,7 @@ class SpfMilter(lm.Milter):
     def __init__(self, runtime: Runtime) -> None:
         self.cfg = runtime.config
         self.checker = runtime.checker
+        self.metrics = runtime.metrics
         self.failsafe = _VERDICTS[self.cfg.milter.on_error]
         self.ip: str | None = None
         self.client_skip: str | None = None
@@ -107,8 +113,11 @@ class SpfMilter(lm.Milter):
         self.helo_name = name
         self.helo_result = None
         if self.cfg.spf.check_helo and self.client_skip is None and self.ip is not None:
+            start = time.perf_counter() if self.metrics is not None else 0.0
             self.helo_result = self.checker.check_helo(
                 self.ip, name, receiver=self.receiver or self.cfg.spf.authserv_id)
+            if self.metrics is not None and self.helo_result.checked:
+                self.metrics.evaluation("helo", time.perf_counter() - start)
         return lm.CONTINUE
 
     def envfrom(self, sender: str, *params: str) -> int:
@@ -116,6 +125,7 @@ class SpfMilter(lm.Milter):
         self._reset()
         self.sender = sender
         self.queue_id = self.getsymval("i")
+        start = time.perf_counter() if self.metrics is not None else 0.0
         authenticated = bool(self.getsymval("{auth_authen}"))
         skip = self.client_skip
         if skip is None and not (authenticated and self.cfg.policy.skip_authenticated):
@@ -124,6 +134,8 @@ class SpfMilter(lm.Milter):
             self.cfg, self.checker, ip=self.ip, helo=self.helo_name, sender=sender,
             helo_result=self.helo_result, authenticated=authenticated, skip=skip,
             receiver=self.receiver, our_addresses=self.our_addresses)
+        if self.metrics is not None:
+            self.metrics.evaluation("mailfrom", time.perf_counter() - start)
         self.verdict = verdict
         action = verdict.decision.action
         if action == "accept" or self.cfg.policy.reject_at == "rcpt" or self._hold(verdict):
@@ -165,6 +177,8 @@ class SpfMilter(lm.Milter):
         self._log_pending("aborted")
 
     def on_exception(self, stage: str, exc: BaseException) -> int:
+        if self.metrics is not None:
+            self.metrics.internal_error(stage)
         log.error("qid=%s ip=%s helo=%s sender=%s: internal error in %s, action=%s: %s",
                   logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
                   logvalue(self.sender), stage, self.cfg.milter.on_error, exc,
@@ -212,6 +226,8 @@ class SpfMilter(lm.Milter):
             self.verdict = None
 
     def _log(self, verdict: transaction.Verdict, action: str, outcome: str = "") -> None:
+        if self.metrics is not None:
+            self.metrics.transaction(verdict, action)
         if not log.isEnabledFor(logging.INFO):
             return
         d = verdict.decision

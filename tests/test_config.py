@@ -48,7 +48,7 @@ def test_dataclass_defaults_match_schema_defaults() -> None:
 def test_iter_options_is_complete_and_documented() -> None:
     rows = list(cfg.iter_options())
     assert len(rows) == sum(len(options) for options in cfg.OPTIONS.values())
-    assert {row[0] for row in rows} == {"milter", "spf", "policy", "headers"}
+    assert {row[0] for row in rows} == {"milter", "spf", "policy", "headers", "metrics"}
     for section, option, default, doc in rows:
         assert isinstance(default, str)
         assert doc and "\n" not in doc and len(doc) < 80, (section, option)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import PYTHON, ROOT, Daemon
+from tests.procs import PYTHON, ROOT, Daemon, free_port
 from tests.test_daemon import AR, AUTHSERV, FAIL, _wait_for, run, spf_results, write_config
 
 OVERRIDES = """
@@ -199,16 +199,18 @@ def test_reload_warns_for_every_restart_only_option(dns_server):
             ("milter", "umask"): "077",
             ("milter", "pidfile"): f"{work}/other.pid",
             ("milter", "timeout"): "31",
+            ("metrics", "listen"): f"127.0.0.1:{free_port()}",
+            ("metrics", "allow_remote"): "yes",
         }
         assert set(changed) == set(config.restart_options())
         with Daemon([PYTHON, "-m", "spfmilter", "-c", str(cfg), "run", "--stderr"],
                     f"unix:{work}/spf.sock", work) as proc:
-            text = cfg.read_text()
-            for (_section, option), value in changed.items():
+            text = cfg.read_text() + "\n[metrics]\n"
+            for (section, option), value in changed.items():
                 text = "\n".join(f"{option} = {value}" if line.startswith(f"{option} =")
                                  else line for line in text.split("\n"))
                 if f"{option} = {value}" not in text:
-                    text = text.replace("[milter]\n", f"[milter]\n{option} = {value}\n")
+                    text = text.replace(f"[{section}]\n", f"[{section}]\n{option} = {value}\n")
             cfg.write_text(text)
             proc.proc.send_signal(signal.SIGHUP)
             _wait_for(lambda: "configuration reloaded" in proc.stderr())
