@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="MAIL FROM address ('' or '<>' for the null sender)")
     test.add_argument("--auth", action="store_true", help="as an SMTP-authenticated client")
     test.add_argument("--json", action="store_true", help="print one JSON object")
+    test.add_argument("--trace", action="store_true",
+                      help="also show each SPF evaluation step by step (with --json: \"trace\")")
     return parser
 
 
@@ -80,6 +82,10 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
 
     cfg = _load(path, required=required)
     checker = make_checker(cfg)
+    tracer = None
+    if args.trace:
+        from . import trace
+        tracer = trace.start()
     args.ip = transaction.client_ip(args.ip)  # as the milter's connect takes it
     forwarder = None  # checked only where the milter would check it
     if not (args.auth and cfg.policy.skip_authenticated) and \
@@ -97,13 +103,16 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
         return {k: getattr(r, k) for k in ("identity", "result", "domain", "sender",
                                              "explanation", "comment", "checked")}
 
+    traced = {} if tracer is None else {"trace": tracer.as_json()}
     if args.json:
-        print(json.dumps({
+        print(json.dumps({**traced,
             "helo": result(verdict.helo), "mailfrom": result(verdict.mailfrom),
             "skip": verdict.skip, "action": d.action, "would_action": d.would_action,
             "reason": d.reason, "reply": reply, "headers": header_lines,
         }, ensure_ascii=True))
         return EXIT_OK
+    if tracer is not None:
+        print(tracer.text())
     for r in (verdict.helo, verdict.mailfrom):
         if r is not None:
             extra = f" ({r.comment})" if r.comment else ""
