@@ -106,15 +106,23 @@ def test_trace_agrees_with_verdict(dns_server: DnsServer, identity: str, ip: str
              and t.lookup is not None]
     assert [t.lookup for t in terms] == list(range(1, check.lookups + 1))
     assert check.void_lookups == sum(q.void for q in _nodes(check, trace.Query))
-    if traced.result in ("pass", "fail", "softfail", "neutral") and traced.comment.endswith(
-            " matched"):
-        top = next(n for n in check.children if isinstance(n, trace.Record))
-        while redirect := [t for t in top.children if isinstance(t, trace.Term)
-                           and t.followed]:  # evaluated at the same level (RFC 7208 6.1)
-            top = next(n for n in redirect[0].children if isinstance(n, trace.Record))
-        [matched] = [t for t in top.children if isinstance(t, trace.Term) and t.matched]
-        assert traced.comment == f"{matched.term} matched"
+    _assert_matched_term(check)
     json.dumps(tracer.as_json())  # always serialisable
+
+
+def _assert_matched_term(check: trace.Check) -> None:
+    """The term the trace marks as matched is the one the verdict names (or none)."""
+    top = next((n for n in check.children if isinstance(n, trace.Record)), None)
+    if top is None or check.result not in ("pass", "fail", "softfail", "neutral"):
+        return
+    while redirect := [t for t in top.children if isinstance(t, trace.Term)
+                       and t.followed]:  # evaluated at the same level (RFC 7208 6.1)
+        top = next(n for n in redirect[0].children if isinstance(n, trace.Record))
+    matched = [t.term for t in top.children if isinstance(t, trace.Term) and t.matched]
+    if check.comment.startswith("no mechanism matched"):
+        assert matched == []
+    else:
+        assert [f"{m} matched" for m in matched] == [check.comment]
 
 
 def test_cached_answers_show_as_hits(dns_server: DnsServer) -> None:
@@ -283,4 +291,5 @@ def test_traced_result_equals_untraced(batch: list[Scenario]) -> None:
                 assert got == want, f"check {n}: {check}\n traced: {got}\n plain:  {want}"
                 if got.checked:
                     assert tracer.checks[-1].result == got.result
+                    _assert_matched_term(tracer.checks[-1])
                 json.dumps(tracer.as_json())
