@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--json", action="store_true", help="print one JSON object")
     test.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
                       help="RCPT TO address (repeatable): show what each recipient gets")
+    test.add_argument("--trace", action="store_true",
+                      help="also show each SPF evaluation step by step (with --json: \"trace\")")
     return parser
 
 
@@ -88,6 +90,10 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
 
     cfg = _load(path, required=required)
     checker = make_checker(cfg)
+    tracer = None
+    if args.trace:
+        from . import trace
+        tracer = trace.start()
     args.ip = transaction.client_ip(args.ip)  # as the milter's connect takes it
     forwarder = None  # checked only where the milter would check it
     if not (args.auth and cfg.policy.skip_authenticated) and \
@@ -108,8 +114,9 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
                                              "explanation", "comment", "checked")}
 
     rcpts = _recipients(cfg, verdict, args.rcpt)
+    traced = {} if tracer is None else {"trace": tracer.as_json()}
     if args.json:
-        print(json.dumps({
+        print(json.dumps({**traced,
             "helo": result(verdict.helo), "mailfrom": result(verdict.mailfrom),
             "skip": verdict.skip, "helo_findings": list(verdict.helo_findings),
             "action": d.action, "would_action": d.would_action,
@@ -119,6 +126,8 @@ def cmd_test(path: str, args: argparse.Namespace, *, required: bool) -> int:
             "deferred": verdict.deferred,
         }, ensure_ascii=True))
         return EXIT_OK
+    if tracer is not None:
+        print(tracer.text())
     for r in (verdict.helo, verdict.mailfrom):
         if r is not None:
             extra = f" ({r.comment})" if r.comment else ""

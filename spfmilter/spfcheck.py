@@ -61,6 +61,8 @@ class _Answer(NamedTuple):
 class _Session:
     """Per-check state the DNS dispatcher needs: which checker, which deadline."""
 
+    tracer: Any = None  # the spfmilter.trace.Tracer of a traced check
+
     def __init__(self, checker: SpfChecker, deadline: float) -> None:
         self.checker = checker
         self.deadline = deadline
@@ -75,6 +77,9 @@ _session: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
     "spfmilter_spf_session", default=None
 )
 _install_lock = threading.Lock()
+#: The spfmilter.trace.Tracer of ``spfmilter test --trace``; None in the milter.
+_tracer: contextvars.ContextVar[Any] = contextvars.ContextVar("spfmilter_spf_tracer",
+                                                              default=None)
 
 
 def _install_dispatcher() -> None:
@@ -398,7 +403,8 @@ class SpfChecker:
                     helo: str, receiver: str) -> SpfResult:
         sender = f"{local}@{domain}"
         inputs = {"local": local, "helo": helo, "receiver": receiver}
-        for shape in _SHAPES:
+        tracer = _tracer.get()
+        for shape in _SHAPES if tracer is None else ():  # a trace shows the evaluation
             cached = self.results.get((ip, domain, tuple((n, inputs[n]) for n in shape)))
             if cached is not None:
                 result, explanation, comment = cached
@@ -407,10 +413,13 @@ class SpfChecker:
         session = _Session(self, time.monotonic() + self.lookup_timeout)
         token = _session.set(session)
         query = None
+        make = _RecordingQuery
+        if tracer is not None:
+            session.tracer, make = tracer, tracer.query
+            tracer.begin(identity, ip, sender, domain, helo, receiver)
         try:
-            query = _RecordingQuery(ip, sender, helo, receiver=receiver or None,
-                                    timeout=self.lookup_timeout,
-                                    void_limit=self.void_lookup_limit)
+            query = make(ip, sender, helo, receiver=receiver or None,
+                         timeout=self.lookup_timeout, void_limit=self.void_lookup_limit)
             query.l, query.o, query.d = local, domain, domain
             result, explanation, comment = self._evaluate(query, domain, session)
         except Exception as exc:  # a pyspf bug must not take the connection down
@@ -426,6 +435,8 @@ class SpfChecker:
             ttl = session.expires - time.monotonic()
             self.results.put((ip, domain, tuple((n, inputs[n]) for n in shape)),
                              (result, explanation, comment), ttl)
+        if tracer is not None:
+            tracer.end(query, result, explanation, comment)
         return SpfResult(identity, result, domain=domain, sender=sender,
                          explanation=explanation, comment=comment)
 
@@ -478,9 +489,16 @@ class SpfChecker:
         key = (name.lower().rstrip("."), qtype)
         entry = self.cache.get_entry(key)
         if entry is None:
-            cached, expires = self._resolve(session, key[0], qtype)
+            try:
+                cached, expires = self._resolve(session, key[0], qtype)
+            except spf.TempError as exc:
+                if session.tracer is not None:
+                    session.tracer.lookup_failed(key, exc)
+                raise
         else:
             expires, cached = entry
+        if session.tracer is not None:
+            session.tracer.lookup(key, cached, expires, entry is not None)
         session.expires = min(session.expires, expires)
         if cached.nxdomain:
             session.nxdomains.add(key[0])

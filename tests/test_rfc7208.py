@@ -31,6 +31,8 @@ WORKERS = int(os.environ.get("SPFMILTER_RFC7208_WORKERS", "4"))
 #: Budget of one check; TIMEOUT cases spend all of it (room for a loaded machine).
 LOOKUP_TIMEOUT = 2
 PROCESS_TIMEOUT = 60
+#: SPFMILTER_RFC7208_TRACE=1 (by hand): every case with --trace, whose result must agree.
+TRACE = bool(os.environ.get("SPFMILTER_RFC7208_TRACE"))
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,21 @@ internal_hosts =
 def _run(case: rfc7208.Case, config: Path) -> Outcome:
     argv = [PYTHON, "-m", "spfmilter", "-c", str(config), "test", f"--ip={case.host}",
             f"--helo={case.helo}", f"--from={case.mailfrom}", "--json"]
+    if TRACE:
+        argv.append("--trace")
     try:
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
                               timeout=PROCESS_TIMEOUT)
     except subprocess.TimeoutExpired:
         return Outcome(None, "", f"no answer within {PROCESS_TIMEOUT}s")
     try:
-        mailfrom = json.loads(done.stdout)["mailfrom"]
+        data = json.loads(done.stdout)
+        mailfrom = data["mailfrom"]
+        traced = [c["result"] for c in data["trace"]] if TRACE else [mailfrom["result"]]
     except (ValueError, KeyError, TypeError):
         return Outcome(None, "", f"exit {done.returncode}: {done.stdout}{done.stderr}"[-2000:])
+    if traced[-1:] != [mailfrom["result"]] and mailfrom["checked"]:
+        return Outcome(None, "", f"the trace says {traced}, the verdict {mailfrom['result']}")
     return Outcome(mailfrom["result"], mailfrom["explanation"], mailfrom["comment"])
 
 
