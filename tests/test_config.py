@@ -550,3 +550,11 @@ def test_dmarc_defer_and_reject_at_rcpt_exclude_each_other():
     with pytest.raises(ConfigError) as info:
         loads("[policy]\nreject_at = rcpt\ndmarc_defer = yes\n", filename="x.cfg")
     assert str(info.value).startswith("x.cfg:3: [policy] dmarc_defer: cannot be used with")
+
+
+def test_dmarc_defer_without_publicsuffixlist_names_the_package(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "publicsuffixlist", None)  # not installed
+    with pytest.raises(ConfigError) as info:
+        loads("[policy]\n\ndmarc_defer = yes\n", filename="x.cfg")
+    assert str(info.value) == ("x.cfg:3: [policy] dmarc_defer: needs the Python package"
+                               " publicsuffixlist (pip install publicsuffixlist)")

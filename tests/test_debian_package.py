@@ -57,7 +57,10 @@ DEB_FILES = [
 ]
 # The package's dependencies on the Python libraries, by their PyPI names.
 DEBIAN_NAMES = {"pyspf": "python3-spf", "dnspython": "python3-dnspython",
-                "authres": "python3-authres"}
+                "authres": "python3-authres", "prometheus-client": "python3-prometheus-client"}
+#: Needed only by an option (dmarc_defer) and not packaged by Debian 12:
+#: check-config names the missing package when the option is on.
+NOT_IN_DEBIAN = {"publicsuffixlist"}
 
 
 def run(*args: str | Path, cwd: Path | None = None,
@@ -115,8 +118,11 @@ def test_changelog_version_is_the_package_version() -> None:
 
 def test_control_depends_on_the_lowest_versions_pyproject_asks_for() -> None:
     control = (ROOT / "debian" / "control").read_text()
-    assert set(floors()) == set(DEBIAN_NAMES), floors()
+    assert set(floors()) - NOT_IN_DEBIAN == set(DEBIAN_NAMES), floors()
     for name, floor in floors().items():
+        if name in NOT_IN_DEBIAN:
+            assert name not in control
+            continue
         assert f"{DEBIAN_NAMES[name]} (>= {floor})" in control, (name, floor)
 
 
