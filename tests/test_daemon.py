@@ -15,7 +15,7 @@ import pytest
 
 from libmilter_ext.testing import MilterClient, MilterError, session
 from spfmilter.headers import unfold
-from tests.procs import PYTHON, ROOT, Daemon
+from tests.procs import PYTHON, ROOT, Daemon, wait_until
 
 AUTHSERV = "mx.test.example"
 AR = "Authentication-Results"
@@ -349,7 +349,9 @@ def test_stale_pidfile_and_socket_then_sigterm_cleans_up(dns_server):
         stale.close()
         proc = Daemon([PYTHON, "-m", "spfmilter", "-c", str(cfg), "run", "--stderr"],
                       f"unix:{work}/spf.sock", work).start()
-        assert (work / "spf.pid").read_text().strip() == str(proc.proc.pid)
+        pidfile = work / "spf.pid"
+        # written once the socket is open: poll instead of racing it
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() == str(proc.proc.pid))
         assert run(proc).action == "continue"
         assert proc.stop(signal.SIGTERM) == 0
         assert not (work / "spf.pid").exists()
