@@ -64,22 +64,22 @@ class Kind:
 
 KINDS = (
     # mostly mail that passes, several ways
-    Kind("pass", 30, "127.0.0.2", "pass", "accept", None, "pass"),
-    Kind("pass-ipv6", 5, "::1", "pass", "accept", None, "pass"),
-    Kind("include", 15, "127.0.0.5", "include", "accept", None, "pass"),
-    Kind("redirect", 8, "127.0.0.5", "redirect", "accept", None, "pass"),
-    Kind("mx", 5, "127.0.0.4", "mx", "accept", None, "pass"),
-    Kind("a", 4, "127.0.0.3", "a", "accept", None, "pass"),
-    Kind("null-sender", 3, "127.0.0.2", None, "accept", None, "pass"),
+    Kind("pass", 30, "192.0.2.2", "pass", "accept", None, "pass"),
+    Kind("pass-ipv6", 5, "2001:db8::2", "pass", "accept", None, "pass"),
+    Kind("include", 15, "192.0.2.5", "include", "accept", None, "pass"),
+    Kind("redirect", 8, "192.0.2.5", "redirect", "accept", None, "pass"),
+    Kind("mx", 5, "192.0.2.4", "mx", "accept", None, "pass"),
+    Kind("a", 4, "192.0.2.3", "a", "accept", None, "pass"),
+    Kind("null-sender", 3, "192.0.2.2", None, "accept", None, "pass"),
     # the rest
-    Kind("softfail", 8, "127.0.0.2", "softfail", "accept", None, "softfail"),
-    Kind("neutral", 3, "127.0.0.2", "neutral", "accept", None, "neutral"),
-    Kind("none", 5, "127.0.0.2", "none", "accept", None, "none"),
-    Kind("nxdomain", 3, "127.0.0.2", "nx", "accept", None, "none"),
-    Kind("fail", 6, "127.0.0.2", "fail", "reject", "5.7.23", None),
-    Kind("helo-fail", 2, "127.0.0.2", "pass", "reject", "5.7.23", None, "badhelo", None),
-    Kind("permerror", 2, "127.0.0.2", "permerror", "accept", None, "permerror"),
-    Kind("temperror", 1, "127.0.0.2", "temperror", "tempfail", "4.7.24", None),
+    Kind("softfail", 8, "192.0.2.2", "softfail", "accept", None, "softfail"),
+    Kind("neutral", 3, "192.0.2.2", "neutral", "accept", None, "neutral"),
+    Kind("none", 5, "192.0.2.2", "none", "accept", None, "none"),
+    Kind("nxdomain", 3, "192.0.2.2", "nx", "accept", None, "none"),
+    Kind("fail", 6, "192.0.2.2", "fail", "reject", "5.7.23", None),
+    Kind("helo-fail", 2, "192.0.2.2", "pass", "reject", "5.7.23", None, "badhelo", None),
+    Kind("permerror", 2, "192.0.2.2", "permerror", "accept", None, "permerror"),
+    Kind("temperror", 1, "192.0.2.2", "temperror", "tempfail", "4.7.24", None),
 )
 
 

@@ -158,7 +158,7 @@ def _free_port() -> int:
 
 
 def spfmilter_config(workdir: Path, nameserver: str, metrics: bool = False) -> tuple[Path, str]:
-    """Our default policy, with loopback clients checked (the zones use 127/8 and ::1);
+    """Our default policy, no internal hosts (the zones' clients are 192.0.2/24, 2001:db8::/32);
     metrics: with the Prometheus endpoint on (a free loopback port)."""
     spec = f"unix:{workdir}/spf.sock"
     path = workdir / "spfmilter.cfg"
@@ -187,8 +187,8 @@ def pyspf_config(workdir: Path) -> tuple[Path, str]:
 
     HELO and MAIL FROM fail reject (5.7.23), permerror accepts, temperror
     defers, an Authentication-Results field is added.  Its default
-    skip_addresses are loopback, which the zones use: three unused networks
-    stand in for them (empty crashes spf-engine 3.1.0); no internal hosts.
+    skip_addresses (loopback) are replaced by three unused networks (empty
+    crashes spf-engine 3.1.0), so that no client is skipped; no internal hosts.
     """
     spec = f"unix:{workdir}/pyspf.sock"
     path = workdir / "pyspf-milter.conf"

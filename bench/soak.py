@@ -136,7 +136,7 @@ def _hostile(rng: random.Random) -> tuple[str, dict[str, Any]]:
         sender = f"<{'l' * 300}@pass.spf.test>"
     elif pick == 8:
         name = "ip-literal-helo"
-        helo = rng.choice(["[127.0.0.2]", "[IPv6:::1]", "[999.1.2.3]"])
+        helo = rng.choice(["[192.0.2.2]", "[IPv6:2001:db8::2]", "[999.1.2.3]"])
     elif pick == 9:
         name = "empty-helo"
         helo = ""
@@ -167,7 +167,7 @@ def _hostile(rng: random.Random) -> tuple[str, dict[str, Any]]:
         helo = rng.choice(["localhost", "x", "-.example", "a..b"])
     if macros is None:
         macros = {"connect": CONNECT_MACROS, "mail": {"i": "QH"}, "eom": {"i": "QH"}}
-    return name, dict(ip=rng.choice(["127.0.0.2", "::1"]), helo=helo, sender=sender,
+    return name, dict(ip=rng.choice(["192.0.2.2", "2001:db8::2"]), helo=helo, sender=sender,
                       rcpts=rcpts, headers=headers, body=BODY, macros=macros)
 
 
@@ -179,12 +179,12 @@ def case(index: int, seed: int, timeout_every: int) -> Case:
               "eom": {"i": f"Q{index:08X}"}}
     if timeout_every and index % timeout_every == timeout_every - 1:
         return Case(index, "dns", "dns-timeout",
-                    dict(ip="127.0.0.2", helo="w1.helo.bench.test",
+                    dict(ip="192.0.2.2", helo="w1.helo.bench.test",
                          sender="<u@timeout.spf.test>", rcpts=(RECIPIENT,), headers=HEADERS,
                          body=BODY, macros=macros), TEMPERROR)
     if roll < 0.02:
         return Case(index, "dns", "dns-servfail",
-                    dict(ip="127.0.0.2", helo="w2.helo.bench.test",
+                    dict(ip="192.0.2.2", helo="w2.helo.bench.test",
                          sender=f"<u{index % 7}@servfail.test>", rcpts=(RECIPIENT,),
                          headers=HEADERS, body=BODY, macros=macros), TEMPERROR)
     if roll < 0.24:
