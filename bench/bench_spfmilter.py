@@ -91,6 +91,8 @@ from libmilter_ext.testing import MilterClient, MilterError  # noqa: E402
 SPF_ENGINE = "3.1.0"
 SPF_LABEL = "spfmilter"
 PYSPF_LABEL = "pyspf-milter"
+OPENDMARC_LABEL = "OpenDMARC"
+OPENDMARC = Path("/usr/sbin/opendmarc")
 TARGET_CONNS = 32
 TARGET_RATIO = 3.0
 #: RSS counts as flat when it grew by at most this many MiB ...
@@ -212,6 +214,44 @@ InternalHosts = 192.0.2.254
     return path, spec
 
 
+def opendmarc_config(workdir: Path) -> tuple[Path, str]:
+    """OpenDMARC checking SPF itself (libspf2) and only adding headers.
+
+    SPFSelfValidate true, SPFIgnoreResults true (no other milter's result to
+    trust), RejectFailures false; IgnoreHosts names an unused address instead of
+    its default, loopback; no reports, no history, to stderr rather than syslog.
+    """
+    spec = f"unix:{workdir}/opendmarc.sock"
+    ignore = workdir / "opendmarc.ignore"
+    ignore.write_text("192.0.2.254\n", encoding="ascii")
+    path = workdir / "opendmarc.conf"
+    path.write_text(f"""\
+AuthservID {AUTHSERV_ID}
+Socket {spec}
+PidFile {workdir}/opendmarc.pid
+UserID {_user_name()}
+Background false
+Syslog false
+SPFSelfValidate true
+SPFIgnoreResults true
+RejectFailures false
+FailureReports false
+IgnoreHosts {ignore}
+""", encoding="ascii")
+    return path, spec
+
+
+def opendmarc_version() -> str:
+    """OpenDMARC's version line, e.g. "1.4.2"; BenchError when it is not installed."""
+    if not OPENDMARC.exists():
+        raise BenchError(f"--opendmarc: {OPENDMARC} is missing; install Debian's opendmarc "
+                         "(apt-get install opendmarc; with a /usr/sbin/policy-rc.d that exits "
+                         "101 the service is not started).  This script installs nothing.")
+    out = subprocess.run([str(OPENDMARC), "-V"], capture_output=True, text=True, check=False)
+    words = (out.stdout + out.stderr).split()
+    return next((w.lstrip("v") for w in words if w[:2] == "v1" or w[:1].isdigit()), "?")
+
+
 def _user_name() -> str:
     import pwd
 
@@ -225,6 +265,7 @@ class MilterSpec:
     socket: str
     cleanup: list[Path]
     version: str
+    headers_only: bool = False  # never rejects: only the SPF results in its header are checked
 
 
 class MilterProc:
@@ -347,7 +388,7 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
     procs = [
         mp.Process(target=worker, daemon=True,
                    args=(milter.spec.socket, list(indices[w::conns]), cold, warm_names,
-                         keep_outcomes, barrier, queue))
+                         keep_outcomes, barrier, queue, milter.spec.headers_only))
         for w in range(conns)
     ]
     for proc in procs:
@@ -455,14 +496,15 @@ def _show(o: Outcome) -> str:
     return text + (f" ({o.detail})" if o.detail and o.action == "error" else "")
 
 
-def ratio_lines(cells: list[Cell], concs: Sequence[int]) -> tuple[list[str], dict]:
+def ratio_lines(cells: list[Cell], concs: Sequence[int],
+                other: str = PYSPF_LABEL) -> tuple[list[str], dict]:
     by = {(c.milter, c.cache, c.conns): c for c in cells}
-    lines = ["", f"ratios {SPF_LABEL} / {PYSPF_LABEL}",
+    lines = ["", f"ratios {SPF_LABEL} / {other}",
              f"{'cache':<5} {'conns':>5} {'msgs/s':>7} {'p99':>6} {'CPU/msg':>8}"]
     verdict: dict = {}
     for cache in ("cold", "warm"):
         for conns in concs:
-            a, b = by.get((SPF_LABEL, cache, conns)), by.get((PYSPF_LABEL, cache, conns))
+            a, b = by.get((SPF_LABEL, cache, conns)), by.get((other, cache, conns))
             if a is None or b is None:
                 continue
             rate = a.msgs_per_s / b.msgs_per_s
@@ -487,6 +529,10 @@ def environment(args: argparse.Namespace, pyspf: dict[str, str] | None, nsd: Nsd
         f"dnspython {dns.version.version}), daemon with the default policy, log_level info "
         "to a file",
     ]
+    if args.opendmarc:
+        lines.append(f"# {OPENDMARC_LABEL} {opendmarc_version()} ({OPENDMARC}, libspf2): "
+                     "SPFSelfValidate true, SPFIgnoreResults true, RejectFailures false "
+                     "(headers only: its unexp checks the SPF results, not the action)")
     if pyspf:
         lines.append(f"# {PYSPF_LABEL}: spf-engine {pyspf['spf-engine']}, pymilter "
                      f"{pyspf['pymilter']}, pyspf {pyspf['pyspf']}, dnspython "
@@ -537,6 +583,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics", action="store_true",
                         help="run spfmilter with [metrics] listen set (the Prometheus "
                              "endpoint's hot-path cost)")
+    parser.add_argument("--opendmarc", action="store_true",
+                        help=f"add a row for OpenDMARC checking SPF itself ({OPENDMARC}, "
+                             "Debian's opendmarc; not installed by this script)")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -553,13 +602,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(raw)
     try:
         pyspf = None
-        if not args.skip_pyspf:
-            args.pyspf_venv = (args.pyspf_venv or default_venv()).resolve()
-            if not inside_netns():
-                ensure_pyspf_venv(args.pyspf_venv)  # PyPI is reachable only out here
+        if args.opendmarc:
+            opendmarc_version()  # fails early when it is missing
+        if not args.skip_pyspf or args.opendmarc:  # both resolve through /etc/resolv.conf
+            again = list(raw)
+            if not args.skip_pyspf:
+                args.pyspf_venv = (args.pyspf_venv or default_venv()).resolve()
                 again = [a for a in raw if not a.startswith("--pyspf-venv")]
-                return run_in_netns([sys.executable, str(Path(__file__).resolve()), *again,
-                                     f"--pyspf-venv={args.pyspf_venv}"])
+                again.append(f"--pyspf-venv={args.pyspf_venv}")
+            if not inside_netns():
+                if not args.skip_pyspf:
+                    ensure_pyspf_venv(args.pyspf_venv)  # PyPI is reachable only out here
+                return run_in_netns([sys.executable, str(Path(__file__).resolve()), *again])
+        if not args.skip_pyspf:
             pyspf = pyspf_versions(args.pyspf_venv)
             if pyspf is None:
                 raise BenchError(f"no usable spf-engine in {args.pyspf_venv}")
@@ -595,6 +650,11 @@ def milter_specs(args: argparse.Namespace, pyspf: dict[str, str] | None, tmp: Pa
                                               str(venv / "bin" / "pyspf-milter"), str(conf)],
                                 py_sock, [tmp / "pyspf.sock", tmp / "pyspf.pid"],
                                 pyspf["spf-engine"]))
+    if args.opendmarc:
+        conf, od_sock = opendmarc_config(tmp)
+        specs.append(MilterSpec(OPENDMARC_LABEL, [str(OPENDMARC), "-f", "-c", str(conf)],
+                                od_sock, [tmp / "opendmarc.sock", tmp / "opendmarc.pid"],
+                                opendmarc_version(), headers_only=True))
     return specs
 
 
@@ -673,6 +733,9 @@ def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict
         lines, target = ratio_lines(table, args.concurrency)
         print("\n".join(lines))
         result["targets"] = target
+    if any(c.milter == OPENDMARC_LABEL for c in table):
+        lines, result["vs_opendmarc"] = ratio_lines(table, args.concurrency, OPENDMARC_LABEL)
+        print("\n".join(lines))
     print("", "targets:", sep="\n")
     if target:
         print(f"  {TARGET_CONNS} connections, warm cache, msgs/s >= {TARGET_RATIO:g}x "
