@@ -34,6 +34,10 @@ whether or not the targets are met, non-zero when the benchmark itself failed
     .venv/bin/python bench/bench_spfmilter.py                     # full run, as root
     .venv/bin/python bench/bench_spfmilter.py --messages 500 --rss-messages 5000
     .venv/bin/python bench/bench_spfmilter.py --skip-pyspf        # spfmilter only
+    .venv/bin/python bench/bench_spfmilter.py --opendmarc         # + OpenDMARC, as root
+
+--opendmarc adds Debian's OpenDMARC checking SPF itself (libspf2; it only
+adds headers) as the C row; it must be installed already (/usr/sbin/opendmarc).
 """
 
 from __future__ import annotations
