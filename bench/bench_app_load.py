@@ -171,14 +171,26 @@ DMARC_SPF = {"softfail": "fail", "neutral": "fail", "permerror": "fail",
              "temperror": "tempfail"}
 
 
-def unexpected(msg: Message, got: Outcome, headers_only: bool = False) -> bool:
+#: How unexpected() checks a milter's answers against what the zones imply.
+ENFORCING = "enforcing"  # rejects and defers as the zones say, an AR field on what it accepts
+HEADERS_ONLY = "headers-only"  # never rejects (OpenDMARC): only the SPF results in its field
+NOOP = "noop"  # a no-op floor: continues at every stage and writes nothing
+CHECKS = (ENFORCING, HEADERS_ONLY, NOOP)
+
+
+def unexpected(msg: Message, got: Outcome, check: str = ENFORCING) -> bool:
     """True when got is not what the zones say (for identities the milter reported).
 
-    ``headers_only``: the milter never rejects (OpenDMARC with RejectFailures
-    false), so only the SPF results in its header are checked, as DMARC sees
-    them (DMARC_SPF).
+    ``check`` HEADERS_ONLY: the milter never rejects (OpenDMARC with
+    RejectFailures false), so only the SPF results in its header are checked,
+    as DMARC sees them (DMARC_SPF).  NOOP: the milter does no SPF at all;
+    going through to the end of the message with nothing added is right,
+    any other answer is not.
     """
     kind = msg.kind
+    if check == NOOP:
+        return got.action != "accept" or bool(got.results)
+    headers_only = check == HEADERS_ONLY
     if headers_only:
         if got.action != "accept":
             return True
@@ -236,7 +248,7 @@ class WorkerResult:
 
 
 def worker(spec: str, indices: Sequence[int], cold: str | None, warm_names: int,
-           keep_outcomes: bool, barrier: Any, results: Any, headers_only: bool = False) -> None:
+           keep_outcomes: bool, barrier: Any, results: Any, check: str = ENFORCING) -> None:
     """Play the messages ``indices`` one after another once all workers are ready."""
     try:
         msgs = [message(i, cold, warm_names) for i in indices]
@@ -255,7 +267,7 @@ def worker(spec: str, indices: Sequence[int], cold: str | None, warm_names: int,
             if got.action == "error":
                 errors += 1
                 first_error = first_error or got.detail
-            elif unexpected(msg, got, headers_only):
+            elif unexpected(msg, got, check):
                 bad += 1
             if keep_outcomes:
                 outcomes.append((msg.index, got))

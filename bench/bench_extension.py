@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +47,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.benchlib import (  # noqa: E402
+    NOOP_EXT,
+    BenchError,
+    build_c_noop,
     cache_dir,
     int_list,
     machine_line,
@@ -60,8 +62,7 @@ from bench.benchlib import (  # noqa: E402
 from libmilter_ext import protocol as P  # noqa: E402
 from libmilter_ext.testing import MilterClient, MilterError, Response  # noqa: E402
 
-C_SOURCE = BENCH / "noop_milter.c"
-EXT_MILTER = BENCH / "noop_libmilter_ext.py"
+EXT_MILTER = NOOP_EXT
 PY_MILTER = BENCH / "noop_pymilter.py"
 
 # Stage bits that would let an MTA skip a stage or not wait for its reply.
@@ -95,10 +96,6 @@ EXT_LABEL = "libmilter_ext"
 EXT_NEG_LABEL = "libmilter_ext (negotiated)"
 PY_LABEL = "pymilter"
 CANDIDATE_LABEL = "libmilter_ext (candidate)"
-
-
-class BenchError(Exception):
-    """The benchmark could not run (build, install, start or protocol failure)."""
 
 
 @dataclass
@@ -135,27 +132,6 @@ class Cell:
 
 
 # -- the implementations ---------------------------------------------------------------------
-
-
-def build_c_noop(directory: Path) -> Path:
-    """Compile bench/noop_milter.c with -O2 (reused while the source is unchanged)."""
-    import hashlib
-
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("gcc not found: install gcc and libmilter-dev (scripts/setup does)")
-    digest = hashlib.sha256(C_SOURCE.read_bytes()).hexdigest()[:12]
-    target = directory / f"noop_milter-{digest}"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    cmd = [gcc, "-O2", "-Wall", "-pthread", "-o", str(partial), str(C_SOURCE), "-lmilter"]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise BenchError(f"building {C_SOURCE} failed: {' '.join(cmd)}\n{result.stderr}")
-    os.replace(partial, target)
-    return target
 
 
 def pymilter_python(venv: Path) -> tuple[Path, str]:

@@ -64,6 +64,16 @@ for _path in (str(ROOT), str(BENCH)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from app_table import (  # noqa: E402
+    C_NOOP_LABEL,
+    EXT_NOOP_LABEL,
+    OPENDMARC_LABEL,
+    PYSPF_LABEL,
+    SPF_LABEL,
+    issue12_targets,
+    markdown,
+    target_lines,
+)
 from bench_app_dns import (  # noqa: E402
     DnsError,
     Nsd,
@@ -72,7 +82,10 @@ from bench_app_dns import (  # noqa: E402
 )
 from bench_app_load import (  # noqa: E402
     AUTHSERV_ID,
+    ENFORCING,
+    HEADERS_ONLY,
     KINDS,
+    NOOP,
     Outcome,
     WorkerResult,
     message,
@@ -80,6 +93,9 @@ from bench_app_load import (  # noqa: E402
     worker,
 )
 from benchlib import (  # noqa: E402
+    NOOP_EXT,
+    BenchError,
+    build_c_noop,
     cache_dir,
     int_list,
     machine_line,
@@ -93,9 +109,6 @@ from benchlib import (  # noqa: E402
 from libmilter_ext.testing import MilterClient, MilterError  # noqa: E402
 
 SPF_ENGINE = "3.1.0"
-SPF_LABEL = "spfmilter"
-PYSPF_LABEL = "pyspf-milter"
-OPENDMARC_LABEL = "OpenDMARC"
 OPENDMARC = Path("/usr/sbin/opendmarc")
 TARGET_CONNS = 32
 TARGET_RATIO = 3.0
@@ -103,10 +116,6 @@ TARGET_RATIO = 3.0
 RSS_FLAT_MIB = 2.0
 #: ... or by at most this fraction of where it started, whichever is larger.
 RSS_FLAT_FRACTION = 0.03
-
-
-class BenchError(Exception):
-    """The benchmark could not run or a milter failed under it."""
 
 
 # -- the milters -----------------------------------------------------------------------------
@@ -269,7 +278,7 @@ class MilterSpec:
     socket: str
     cleanup: list[Path]
     version: str
-    headers_only: bool = False  # never rejects: only the SPF results in its header are checked
+    check: str = ENFORCING  # how bench_app_load.unexpected() judges its answers
 
 
 class MilterProc:
@@ -392,7 +401,7 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
     procs = [
         mp.Process(target=worker, daemon=True,
                    args=(milter.spec.socket, list(indices[w::conns]), cold, warm_names,
-                         keep_outcomes, barrier, queue, milter.spec.headers_only))
+                         keep_outcomes, barrier, queue, milter.spec.check))
         for w in range(conns)
     ]
     for proc in procs:
@@ -537,6 +546,15 @@ def environment(args: argparse.Namespace, pyspf: dict[str, str] | None, nsd: Nsd
         lines.append(f"# {OPENDMARC_LABEL} {opendmarc_version()} ({OPENDMARC}, libspf2): "
                      "SPFSelfValidate true, SPFIgnoreResults true, RejectFailures false "
                      "(headers only: its unexp checks the SPF results, not the action)")
+    if args.floors:
+        import libmilter_ext
+
+        libmilter = ".".join(map(str, libmilter_ext.version()))
+        lines.append(f"# floors: {C_NOOP_LABEL} = bench/noop_milter.c on libmilter {libmilter} "
+                     f"(gcc -O2), {EXT_NOOP_LABEL} = bench/noop_libmilter_ext.py on "
+                     "libmilter_ext (this tree); every callback registered, each answers "
+                     "continue; no DNS, so cold and warm are the same work (both cells run: "
+                     "their difference is noise); unexp counts any other answer")
     if pyspf:
         lines.append(f"# {PYSPF_LABEL}: spf-engine {pyspf['spf-engine']}, pymilter "
                      f"{pyspf['pymilter']}, pyspf {pyspf['pyspf']}, dnspython "
@@ -590,8 +608,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--opendmarc", action="store_true",
                         help=f"add a row for OpenDMARC checking SPF itself ({OPENDMARC}, "
                              "Debian's opendmarc; not installed by this script)")
+    parser.add_argument("--floors", action="store_true",
+                        help="add the no-op milters of bench_extension (C on libmilter, and "
+                             "on libmilter_ext) as floor rows, under the same load")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the results as JSON to this file")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="FILE",
+                        help="also write the table, the RSS run and issue 12's targets as "
+                             "Markdown to FILE")
     args = parser.parse_args(argv)
     if min(args.messages, args.warm_names, args.rounds) < 1 or args.rss_messages < 0:
         parser.error("--messages, --warm-names and --rounds must be positive, "
@@ -635,18 +659,26 @@ def run(args: argparse.Namespace, pyspf: dict[str, str] | None) -> int:
             Nsd("127.0.0.1", port) as nsd:
         tmp = Path(tmpname)
         specs = milter_specs(args, pyspf, tmp, nsd)
-        print("\n".join(environment(args, pyspf, nsd)), flush=True)
+        env = environment(args, pyspf, nsd)
+        print("\n".join(env), flush=True)
         cells, outcomes, problems = matrix(args, specs, tmp, nsd)
         rss = rss_run(args, specs[0], tmp, nsd) if args.rss_messages else None
-    return report(args, cells, outcomes, problems, rss, pyspf is not None)
+    return report(args, cells, outcomes, problems, rss, pyspf is not None,
+                  [line.lstrip("# ") for line in env])
 
 
 def milter_specs(args: argparse.Namespace, pyspf: dict[str, str] | None, tmp: Path,
                  nsd: Nsd) -> list[MilterSpec]:
+    """spfmilter first (the RSS run's milter), then OpenDMARC, pyspf-milter, the floors."""
     cfg, spf_sock = spfmilter_config(tmp, nsd.nameserver, args.metrics)
     specs = [MilterSpec(SPF_LABEL, [sys.executable, "-m", "spfmilter", "-c", str(cfg), "run",
                                     "--stderr"],
                         spf_sock, [tmp / "spf.sock", tmp / "spf.pid"], "this tree")]
+    if args.opendmarc:
+        conf, od_sock = opendmarc_config(tmp)
+        specs.append(MilterSpec(OPENDMARC_LABEL, [str(OPENDMARC), "-f", "-c", str(conf)],
+                                od_sock, [tmp / "opendmarc.sock", tmp / "opendmarc.pid"],
+                                opendmarc_version(), check=HEADERS_ONLY))
     if pyspf is not None:
         conf, py_sock = pyspf_config(tmp)
         venv = args.pyspf_venv
@@ -654,12 +686,23 @@ def milter_specs(args: argparse.Namespace, pyspf: dict[str, str] | None, tmp: Pa
                                               str(venv / "bin" / "pyspf-milter"), str(conf)],
                                 py_sock, [tmp / "pyspf.sock", tmp / "pyspf.pid"],
                                 pyspf["spf-engine"]))
-    if args.opendmarc:
-        conf, od_sock = opendmarc_config(tmp)
-        specs.append(MilterSpec(OPENDMARC_LABEL, [str(OPENDMARC), "-f", "-c", str(conf)],
-                                od_sock, [tmp / "opendmarc.sock", tmp / "opendmarc.pid"],
-                                opendmarc_version(), headers_only=True))
+    if args.floors:
+        specs += floor_specs(tmp)
     return specs
+
+
+def floor_specs(tmp: Path) -> list[MilterSpec]:
+    """The two no-op milters of bench_extension (every stage registered, all continue)."""
+    import libmilter_ext
+
+    libmilter = ".".join(map(str, libmilter_ext.version()))
+    c_sock, ext_sock = tmp / "noop-c.sock", tmp / "noop-ext.sock"
+    return [
+        MilterSpec(C_NOOP_LABEL, [str(build_c_noop(cache_dir())), f"unix:{c_sock}"],
+                   f"unix:{c_sock}", [c_sock], f"libmilter {libmilter}", check=NOOP),
+        MilterSpec(EXT_NOOP_LABEL, [sys.executable, str(NOOP_EXT), f"unix:{ext_sock}"],
+                   f"unix:{ext_sock}", [ext_sock], "this tree", check=NOOP),
+    ]
 
 
 def matrix(args: argparse.Namespace, specs: Sequence[MilterSpec], tmp: Path,
@@ -682,12 +725,12 @@ def matrix(args: argparse.Namespace, specs: Sequence[MilterSpec], tmp: Path,
                                   args.warm_names, False)
                         load = drive(milter, nsd, range(args.messages), conns,
                                      f"r{rnd}c{conns}" if cache == "cold" else None,
-                                     args.warm_names, True)
+                                     args.warm_names, spec.check == ENFORCING)
                         milter.check_alive()
                         cell = make_cell(milter, cache, conns, load, rnd)
                         cells.append(cell)
                         print(f"# {format_cell(cell, ncpu)}", file=sys.stderr, flush=True)
-                        for index, got in load.outcomes.items():
+                        for index, got in load.outcomes.items():  # compare_verdicts' input
                             outcomes[spec.label][(rnd, cache, conns, index)] = got
                         if cell.errors:
                             problems.append(f"{spec.label} round {rnd} {cache} {conns} "
@@ -712,7 +755,8 @@ def median_cells(cells: Sequence[Cell]) -> list[Cell]:
 
 
 def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict],
-           problems: list[str], rss: dict | None, compared: bool) -> int:
+           problems: list[str], rss: dict | None, compared: bool,
+           preface: Sequence[str] = ()) -> int:
     """Print the table, RSS, verdicts, ratios and targets; write JSON; the exit status."""
     ncpu = os.cpu_count() or 1
     table = median_cells(cells)
@@ -725,8 +769,9 @@ def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict
         print("", f"RSS of {SPF_LABEL} over {rss['messages']} warm messages at "
               f"{rss['conns']} connections ({rss['msgs_per_s']:.0f} msgs/s, "
               f"{rss['errors']} errors, {rss['unexpected']} unexpected):", sep="\n")
-        print(f"  before {rss['before_mib']:.1f} MiB, after {rss['after_mib']:.1f} MiB "
-              f"(growth {rss['after_mib'] - rss['before_mib']:+.1f} MiB); readings: "
+        print(f"  start {rss['before_mib']:.1f} MiB, peak {rss['peak_mib']:.1f} MiB, "
+              f"end {rss['after_mib']:.1f} MiB (growth "
+              f"{rss['after_mib'] - rss['before_mib']:+.1f} MiB); readings: "
               + ", ".join(f"{n}: {m:.1f}" for n, m in rss["samples"]))
         if rss["errors"]:
             problems.append(f"RSS run: {rss['errors']} messages failed")
@@ -754,6 +799,11 @@ def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict
               f"{RSS_FLAT_FRACTION:.0%})): {'met' if rss['flat'] else 'MISSED'}")
     else:
         print("  RSS flat: not measured")
+    targets = issue12_targets(table, rss)
+    print("\n".join(target_lines(targets)))
+    result["issue12_targets"] = [asdict(t) | {"verdict": t.verdict} for t in targets]
+    if args.markdown:
+        args.markdown.write_text(markdown(table, rss, targets, preface))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if problems:
@@ -764,12 +814,22 @@ def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict
 
 
 def rss_run(args: argparse.Namespace, spec: MilterSpec, tmp: Path, nsd: Nsd) -> dict:
-    """spfmilter's RSS after a warm-up, then during and after ``rss_messages`` messages."""
+    """spfmilter's RSS after a warm-up (start), its peak during and its end after
+    ``rss_messages`` warm messages, in ``rss_samples`` chunks."""
     milter = MilterProc(spec, tmp)
+    stop = threading.Event()
+    peak = [0.0]
+
+    def sample() -> None:  # the peak between the chunks' readings
+        while not stop.wait(0.25):
+            peak[0] = max(peak[0], milter.rss_mib())
+
+    sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
     try:
         conns = args.rss_concurrency
         drive(milter, nsd, range(args.warm_names), conns, None, args.warm_names, False)
-        before = milter.rss_mib()
+        before = peak[0] = milter.rss_mib()
+        sampler.start()
         samples: list[tuple[int, float]] = []
         done = errors = bad = 0
         wall = 0.0
@@ -783,14 +843,21 @@ def rss_run(args: argparse.Namespace, spec: MilterSpec, tmp: Path, nsd: Nsd) -> 
             errors += load.errors
             bad += load.unexpected
             samples.append((done, milter.rss_mib()))
+            note(f"RSS run: {done}/{args.rss_messages} messages, "
+                 f"{len(chunk) / load.wall_s if load.wall_s else 0:.0f} msgs/s, "
+                 f"RSS {samples[-1][1]:.1f} MiB")
         after = samples[-1][1]
     finally:
+        stop.set()
+        if sampler.is_alive():
+            sampler.join()
         milter.stop()
-    growth = after - before
+    limit = max(RSS_FLAT_MIB, RSS_FLAT_FRACTION * before)
     return {"messages": done, "conns": conns, "before_mib": before, "after_mib": after,
+            "peak_mib": max(peak[0], before, *(m for _, m in samples)),
             "samples": samples, "msgs_per_s": done / wall if wall else float("nan"),
-            "errors": errors, "unexpected": bad,
-            "flat": growth <= max(RSS_FLAT_MIB, RSS_FLAT_FRACTION * before)}
+            "errors": errors, "unexpected": bad, "flat_limit_mib": limit,
+            "flat": after - before <= limit}
 
 
 if __name__ == "__main__":

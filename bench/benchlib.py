@@ -1,13 +1,25 @@
-"""Pieces both benchmarks share: /proc readings, percentiles, CLI helpers."""
+"""Pieces the benchmarks share: /proc readings, percentiles, CLI helpers, the C no-op."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+#: The no-op milter written directly on libmilter: the floor of both benchmarks.
+NOOP_C = Path(__file__).resolve().parent / "noop_milter.c"
+#: The same no-op on libmilter_ext (every callback overridden, all answer CONTINUE).
+NOOP_EXT = Path(__file__).resolve().parent / "noop_libmilter_ext.py"
+
+
+class BenchError(Exception):
+    """The benchmark could not run (build, install, start) or a milter failed under it."""
 
 
 def cache_dir() -> Path:
@@ -87,3 +99,22 @@ def proc_rss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def build_c_noop(directory: Path) -> Path:
+    """Compile bench/noop_milter.c with -O2 into directory (reused while it is unchanged)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise BenchError("gcc not found: install gcc and libmilter-dev (scripts/setup does)")
+    digest = hashlib.sha256(NOOP_C.read_bytes()).hexdigest()[:12]
+    target = directory / f"noop_milter-{digest}"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    cmd = [gcc, "-O2", "-Wall", "-pthread", "-o", str(partial), str(NOOP_C), "-lmilter"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BenchError(f"building {NOOP_C} failed: {' '.join(cmd)}\n{result.stderr}")
+    os.replace(partial, target)
+    return target
