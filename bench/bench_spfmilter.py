@@ -12,13 +12,14 @@ cache, and prints one table:
   milter x cache x connections -> messages/s, p50/p99 latency, milter CPU,
   client CPU, DNS server CPU, RSS, errors and unexpected verdicts;
 
-then spfmilter's RSS before and after a long run (50,000 messages by
-default), whether both milters gave the same verdicts, the ratios, and
-whether the targets are met:
+then spfmilter's RSS at the start, peak and end of a long run (50,000
+messages by default), whether spfmilter and pyspf-milter gave the same
+verdicts, the ratios, and whether the targets are met:
 
   * at 32 connections with a warm cache, spfmilter at least 3x pyspf-milter's
     messages/s and a lower p99 latency;
-  * spfmilter's RSS flat over the long run.
+  * spfmilter's RSS flat over the long run;
+  * issue 12's targets, judged from the table (app_table.issue12_targets).
 
 Cold: the milter is restarted before the cell and every message uses names
 never queried before.  Warm: after a warm-up pass over a fixed set of names,
@@ -38,6 +39,10 @@ whether or not the targets are met, non-zero when the benchmark itself failed
 
 --opendmarc adds Debian's OpenDMARC checking SPF itself (libspf2; it only
 adds headers) as the C row; it must be installed already (/usr/sbin/opendmarc).
+--floors adds the no-op milters of bench_extension (bench/noop_milter.c on
+libmilter, bench/noop_libmilter_ext.py) as floor rows under the same load.
+--markdown FILE writes the table, the RSS run and issue 12's targets as
+Markdown, for a closing note.
 """
 
 from __future__ import annotations
