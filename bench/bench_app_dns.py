@@ -31,6 +31,7 @@ ZONE_DIRS = (ROOT / "tests" / "data" / "zones", BENCH / "zones")
 #: Configured without a file: NSD answers SERVFAIL (a temperror case).
 SERVFAIL_ZONES = ("servfail.test",)
 NSD = "/usr/sbin/nsd"
+NSD_CONTROL = "/usr/sbin/nsd-control"
 PROBE = ("bench.test", "SOA")
 #: Set in the environment of the benchmark re-run inside its namespace.
 NETNS_ENV = "SPFMILTER_BENCH_NETNS"
@@ -109,14 +110,15 @@ class Nsd:
             "    verbosity: 1",
             "    tcp-count: 500",
             "    zonefiles-write: 0",
-            "remote-control:",
-            "    control-enable: no",
+            "remote-control:",  # on a unix socket (no TLS keys): for queries()
+            "    control-enable: yes",
+            f"    control-interface: {tmp}/control.sock",
         ]
         for name, path in zone_files():
             lines += ["zone:", f'    name: "{name}"', f'    zonefile: "{path}"']
         for name in SERVFAIL_ZONES:
             lines += ["zone:", f'    name: "{name}"', f'    zonefile: "{tmp}/missing/{name}"']
-        conf = tmp / "nsd.conf"
+        conf = self._conf = tmp / "nsd.conf"
         conf.write_text("\n".join(lines) + "\n", encoding="ascii")
         self._log = tmp / "nsd.log"
         with open(self._log, "wb") as log:
@@ -159,6 +161,16 @@ class Nsd:
             return self._log.read_text(errors="replace")
         except (AttributeError, OSError):
             return ""
+
+    def queries(self) -> int:
+        """Queries NSD has answered so far (nsd-control stats_noreset: num.queries)."""
+        done = subprocess.run([NSD_CONTROL, "-c", str(self._conf), "stats_noreset"],
+                              capture_output=True, text=True, check=False, timeout=30)
+        for line in done.stdout.splitlines():
+            if line.startswith("num.queries="):
+                return int(line.split("=", 1)[1])
+        raise DnsError(f"{NSD_CONTROL} stats_noreset gave no num.queries (status "
+                       f"{done.returncode}): {(done.stdout + done.stderr).strip()[:300]}")
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) of NSD and its child processes so far."""

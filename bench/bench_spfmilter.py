@@ -91,6 +91,7 @@ from bench_app_load import (  # noqa: E402
     HEADERS_ONLY,
     KINDS,
     NOOP,
+    SCHEDULE,
     Outcome,
     WorkerResult,
     message,
@@ -374,10 +375,15 @@ class Cell:
     errors: int
     unexpected: int
     first_error: str = ""
+    dns_queries: int = 0  # answered by NSD during the cell
 
     @property
     def us_per_msg(self) -> float:
         return self.milter_cpu_s / self.messages * 1e6 if self.messages else float("nan")
+
+    @property
+    def queries_per_msg(self) -> float:
+        return self.dns_queries / self.messages if self.messages else float("nan")
 
 
 @dataclass
@@ -394,6 +400,7 @@ class Load:
     errors: int = 0
     unexpected: int = 0
     first_error: str = ""
+    dns_queries: int = 0
 
 
 def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold: str | None,
@@ -413,6 +420,7 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
         proc.start()
     replies = []
     try:
+        queries0 = nsd.queries()  # before the start: nsd-control's own CPU is not counted
         try:
             barrier.wait(timeout=300)
         except threading.BrokenBarrierError:
@@ -421,6 +429,7 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
         for _ in procs:
             replies.append(queue.get(timeout=3600))
         cpu1, dns1, all1 = milter.cpu_seconds(), nsd.cpu_seconds(), system_busy_seconds()
+        queries1 = nsd.queries()
     finally:
         for proc in procs:
             proc.join(10)
@@ -441,6 +450,7 @@ def drive(milter: MilterProc, nsd: Nsd, indices: Sequence[int], conns: int, cold
         errors=sum(p.errors for p in parts),
         unexpected=sum(p.unexpected for p in parts),
         first_error=next((p.first_error for p in parts if p.first_error), ""),
+        dns_queries=queries1 - queries0,
     )
     for p in parts:
         load.outcomes.update(p.outcomes)
@@ -457,6 +467,7 @@ def make_cell(milter: MilterProc, cache: str, conns: int, load: Load, rnd: int =
         milter_cpu_s=load.milter_cpu_s, client_cpu_s=load.client_cpu_s,
         dns_cpu_s=load.dns_cpu_s, other_cpu_s=load.other_cpu_s, rss_mib=milter.rss_mib(),
         errors=load.errors, unexpected=load.unexpected, first_error=load.first_error,
+        dns_queries=load.dns_queries,
     )
 
 
@@ -464,8 +475,8 @@ def make_cell(milter: MilterProc, cache: str, conns: int, load: Load, rnd: int =
 
 HEAD = (f"{'milter':<13} {'cache':<5} {'conns':>5} {'msgs':>6} {'msgs/s':>7} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'milter CPU s':>12} {'us/msg':>6} {'client CPU s':>12} "
-        f"{'DNS CPU s':>9} {'busy':>5} {'other CPU s':>11} {'RSS MiB':>7} {'errors':>6} "
-        f"{'unexp':>5}")
+        f"{'DNS CPU s':>9} {'q/msg':>5} {'busy':>5} {'other CPU s':>11} {'RSS MiB':>7} "
+        f"{'errors':>6} {'unexp':>5}")
 
 
 def format_cell(c: Cell, ncpu: int) -> str:
@@ -473,8 +484,9 @@ def format_cell(c: Cell, ncpu: int) -> str:
         if c.wall_s > 0 else float("nan")
     return (f"{c.milter:<13} {c.cache:<5} {c.conns:>5} {c.messages:>6} {c.msgs_per_s:>7.0f} "
             f"{c.p50_ms:>7.2f} {c.p99_ms:>7.2f} {c.milter_cpu_s:>12.2f} {c.us_per_msg:>6.0f} "
-            f"{c.client_cpu_s:>12.2f} {c.dns_cpu_s:>9.2f} {busy:>4.0f}% {c.other_cpu_s:>11.2f} "
-            f"{c.rss_mib:>7.1f} {c.errors:>6} {c.unexpected:>5}")
+            f"{c.client_cpu_s:>12.2f} {c.dns_cpu_s:>9.2f} {c.queries_per_msg:>5.2f} "
+            f"{busy:>4.0f}% {c.other_cpu_s:>11.2f} {c.rss_mib:>7.1f} {c.errors:>6} "
+            f"{c.unexpected:>5}")
 
 
 def compare_verdicts(ours: dict, theirs: dict) -> tuple[list[str], dict]:
@@ -574,6 +586,7 @@ def environment(args: argparse.Namespace, pyspf: dict[str, str] | None, nsd: Nsd
         f"# cold = milter restarted, every message's names new; warm = after a warm-up over "
         f"{args.warm_names} names, the cell reuses them",
         "# busy = (milter + client + DNS CPU) / (wall x CPUs); us/msg = milter CPU per message;"
+        " q/msg = queries NSD answered per message;"
         " other CPU s = CPU used meanwhile by processes outside the benchmark (should be ~0);"
         " unexp = verdicts the zones do not imply",
     ]
@@ -594,7 +607,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="times the whole matrix is run; the table shows each cell's "
                              "median round by messages/s (default 3)")
     parser.add_argument("--warm-names", type=int, default=500,
-                        help="distinct name sets in the warm cells and warm-up (default 500)")
+                        help="distinct name sets in the warm cells and warm-up, a multiple "
+                             f"of {len(SCHEDULE)} (default 500)")
     parser.add_argument("--rss-messages", type=int, default=50000,
                         help="messages in spfmilter's RSS run (default 50000; 0 skips it)")
     parser.add_argument("--rss-concurrency", type=int, default=8,
@@ -625,6 +639,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.messages, args.warm_names, args.rounds) < 1 or args.rss_messages < 0:
         parser.error("--messages, --warm-names and --rounds must be positive, "
                      "--rss-messages >= 0")
+    if args.warm_names % len(SCHEDULE):
+        # message i's kind repeats every len(SCHEDULE) messages, its warm label every
+        # warm_names: unless one divides the other, warm cells meet names never warmed
+        parser.error(f"--warm-names must be a multiple of {len(SCHEDULE)} (the mix's period)")
     if args.rss_samples < 1 or args.rss_concurrency < 1:
         parser.error("--rss-samples and --rss-concurrency must be positive")
     return args
@@ -805,7 +823,7 @@ def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict
     else:
         print("  RSS flat: not measured")
     targets = issue12_targets(table, rss)
-    print("\n".join(target_lines(targets)))
+    print("\n".join(target_lines(targets, table)))
     result["issue12_targets"] = [asdict(t) | {"verdict": t.verdict} for t in targets]
     if args.markdown:
         args.markdown.write_text(markdown(table, rss, targets, preface))

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+from bench import app_table
 from bench import bench_app_load as load
 from bench import bench_spfmilter as bench
 from tests.procs import ROOT
@@ -22,11 +23,12 @@ NUMBER = r"\d+(?:\.\d+)?"
 MILTERS = (bench.SPF_LABEL, bench.C_NOOP_LABEL, bench.EXT_NOOP_LABEL)
 ROW = re.compile(
     rf"^({'|'.join(MILTERS)})\s+(cold|warm)\s+(\d+)\s+(\d+)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"
-    rf"\s+{NUMBER}\s+\d+\s+{NUMBER}\s+{NUMBER}\s+\d+%\s+{NUMBER}\s+{NUMBER}\s+(\d+)\s+(\d+)$",
+    rf"\s+{NUMBER}\s+\d+\s+{NUMBER}\s+{NUMBER}\s+({NUMBER})\s+\d+%\s+{NUMBER}\s+{NUMBER}"
+    rf"\s+(\d+)\s+(\d+)$",
     re.MULTILINE,
 )
 MD_ROW = re.compile(rf"^\| ({'|'.join(MILTERS)}) \| (cold|warm) \| (\d+) \|"
-                    rf"(?: {NUMBER} \|){{5}} (\d+) \| (\d+) \|$", re.MULTILINE)
+                    rf"(?: {NUMBER} \|){{6}} (\d+) \| (\d+) \|$", re.MULTILINE)
 CELLS = sorted((m, cache, conns) for m in MILTERS for cache in ("cold", "warm")
                for conns in (1, 3))
 
@@ -34,7 +36,7 @@ CELLS = sorted((m, cache, conns) for m in MILTERS for cache in ("cold", "warm")
 def test_bench_spfmilter_prints_a_table_with_the_floors(tmp_path):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--skip-pyspf", "--floors", "--messages", "30",
-         "--concurrency", "1,3", "--warm-names", "20", "--rounds", "1", "--rss-messages", "60",
+         "--concurrency", "1,3", "--warm-names", "100", "--rounds", "1", "--rss-messages", "60",
          "--rss-samples", "2", "--json", str(tmp_path / "r.json"),
          "--markdown", str(tmp_path / "table.md")],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
@@ -43,8 +45,12 @@ def test_bench_spfmilter_prints_a_table_with_the_floors(tmp_path):
     assert "msgs/s" in out.stdout and "p99 ms" in out.stdout
     rows = ROW.findall(out.stdout)
     assert sorted((m, cache, int(conns)) for m, cache, conns, *_ in rows) == CELLS, out.stdout
-    for *_, msgs, errors, unexpected in rows:
+    for milter, cache, _conns, msgs, queries, errors, unexpected in rows:
         assert (int(msgs), int(errors), int(unexpected)) == (30, 0, 0), out.stdout
+        if milter != bench.SPF_LABEL:
+            assert float(queries) == 0, out.stdout  # the floors never ask DNS
+        elif cache == "cold":
+            assert float(queries) >= 1, out.stdout  # every cold message's own names
     rss = re.search(rf"start ({NUMBER}) MiB, peak ({NUMBER}) MiB, end ({NUMBER}) MiB",
                     out.stdout)
     assert rss, out.stdout
@@ -53,11 +59,13 @@ def test_bench_spfmilter_prints_a_table_with_the_floors(tmp_path):
     assert "RSS flat" in out.stdout
 
     targets = out.stdout[out.stdout.index("issue 12 targets"):].splitlines()[1:]
-    assert len(targets) == 8, out.stdout
+    assert len(targets) == 8 + 3, out.stdout  # and the CPU per DNS query at 1 and 3
     # without OpenDMARC, pyspf-milter or 32 connections only the RSS run can be judged
     assert sum(line.split()[0:2] == ["not", "measured"] for line in targets) == 6, out.stdout
     assert sum("RSS" in line and re.match(r"\s+(met|not met)\s", line) is not None
-               for line in targets) == 2, out.stdout
+               for line in targets[:8]) == 2, out.stdout
+    assert re.search(rf"^    3 connections: .* = {NUMBER} us per query$", out.stdout,
+                     re.MULTILINE), out.stdout
 
     md = (tmp_path / "table.md").read_text()
     assert "| milter | cache | conns | msgs/s |" in md
@@ -72,11 +80,13 @@ def test_bench_spfmilter_prints_a_table_with_the_floors(tmp_path):
     assert data["rss"]["peak_mib"] >= data["rss"]["after_mib"] > 0
 
 
-def _cell(milter: str, cache: str, conns: int, rate: float, us: float) -> bench.Cell:
+def _cell(milter: str, cache: str, conns: int, rate: float, us: float,
+          queries: int = 0) -> bench.Cell:
     return bench.Cell(milter=milter, cache=cache, conns=conns, round=1, messages=1000,
                       wall_s=1000 / rate, msgs_per_s=rate, p50_ms=1.0, p99_ms=2.0,
                       milter_cpu_s=us * 1000 / 1e6, client_cpu_s=0.5, dns_cpu_s=0.1,
-                      other_cpu_s=0.0, rss_mib=30.0, errors=0, unexpected=0)
+                      other_cpu_s=0.0, rss_mib=30.0, errors=0, unexpected=0,
+                      dns_queries=queries)
 
 
 def _rss(before: float, peak: float, after: float, messages: int = 200_000) -> dict:
@@ -136,3 +146,12 @@ def test_a_noop_milter_continuing_everywhere_is_expected_only_under_the_noop_che
     assert load.unexpected(msg, through, load.HEADERS_ONLY)
     assert load.unexpected(msg, load.Outcome("reject", 550, "5.7.1"), load.NOOP)
     assert load.unexpected(msg, load.Outcome("tempfail", 451, "4.7.1"), load.NOOP)
+
+
+def test_cpu_per_dns_query_is_the_cold_cells_extra_cpu_over_its_extra_queries():
+    cells = [_cell(SPF, "cold", 8, 245, 4330, queries=4000), _cell(SPF, "warm", 8, 800, 930),
+             _cell(SPF, "cold", 1, 275, 3000, queries=2000),
+             _cell(SPF, "warm", 1, 700, 1000, queries=2000)]
+    costs = app_table.query_costs(cells)
+    assert costs[0].startswith("1 connections:") and costs[0].endswith("no extra queries cold")
+    assert costs[1].startswith("8 connections:") and costs[1].endswith("= 850 us per query")
