@@ -10,7 +10,7 @@ at several numbers of concurrent connections, with a cold and a warm DNS
 cache, and prints one table:
 
   milter x cache x connections -> messages/s, p50/p99 latency, milter CPU,
-  client CPU, DNS server CPU, RSS, errors and unexpected verdicts;
+  client CPU, DNS server CPU and queries, RSS, errors and unexpected verdicts;
 
 then spfmilter's RSS at the start, peak and end of a long run (50,000
 messages by default), whether spfmilter and pyspf-milter gave the same
@@ -837,8 +837,9 @@ def report(args: argparse.Namespace, cells: list[Cell], outcomes: dict[str, dict
 
 
 def rss_run(args: argparse.Namespace, spec: MilterSpec, tmp: Path, nsd: Nsd) -> dict:
-    """spfmilter's RSS after a warm-up (start), its peak during and its end after
-    ``rss_messages`` warm messages, in ``rss_samples`` chunks."""
+    """spfmilter's RSS after a warm-up (start), at its peak and at the end of
+    ``rss_messages`` warm messages, played in ``rss_samples`` chunks.
+    """
     milter = MilterProc(spec, tmp)
     stop = threading.Event()
     peak = [0.0]
