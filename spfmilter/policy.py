@@ -19,6 +19,7 @@ naming the finding, since reply_text's placeholders describe an SPF result.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from . import names, replies
@@ -56,20 +57,23 @@ class Decision:
     identity: str | None = None  # the identity that drove the verdict
 
 
-def _domain_chain(domain: str) -> list[str]:
-    """``a.b.example`` -> ``["a.b.example", "b.example", "example"]``, in A-labels
+@functools.lru_cache(maxsize=1024)  # sender domains repeat; ascii_domain is not free
+def _domain_chain(domain: str) -> tuple[str, ...]:
+    """``a.b.example`` -> ``("a.b.example", "b.example", "example")``, in A-labels
     (the form ``[domain:NAME]`` sections are stored in)."""
     try:
         domain = names.ascii_domain(domain)
     except ValueError:
-        return []
+        return ()
     labels = domain.split(".")
-    return [".".join(labels[i:]) for i in range(len(labels)) if labels[i]]
+    return tuple(".".join(labels[i:]) for i in range(len(labels)) if labels[i])
 
 
 def action_for(policy: PolicyConfig, identity: str, result: str, sender_domain: str = "") -> str:
     """The action ``policy`` gives ``result`` of ``identity`` for mail from ``sender_domain``."""
     option = f"{identity}_{result}"
+    if not policy.domains:  # no [domain:NAME] sections: nothing to look up
+        return str(getattr(policy, option))
     for domain in _domain_chain(sender_domain):
         actions = policy.domains.get(domain)
         if actions is not None and option in actions:
