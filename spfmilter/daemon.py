@@ -8,7 +8,6 @@ import logging
 import logging.handlers
 import os
 import pwd
-import queue
 import socket
 import stat
 import sys
@@ -21,6 +20,7 @@ import libmilter_ext as lm
 from . import config as configmod
 from . import sdnotify
 from .config import Config
+from .logwriter import BatchingHandler
 from .metrics import Metrics, MetricsServer
 from .milter import Runtime, RuntimeHolder, SpfMilter, factory
 from .spfcheck import SpfChecker
@@ -44,12 +44,13 @@ def make_checker(cfg: Config) -> SpfChecker:
 
 
 def setup_logging(cfg: Config, *, force_stderr: bool = False,
-                  queued: bool = False) -> logging.handlers.QueueListener | None:
+                  queued: bool = False) -> BatchingHandler | None:
     """Send logs to syslog (facility from config) or stderr; only the daemon calls this.
 
-    queued: milter threads only put records on a queue and a listener thread does
-    the writing, so a slow syslog never holds up a connection.  Returns the
-    listener, which the caller stops (after a fork, set logging up again).
+    queued: milter threads only hand records over and a writer thread does the
+    writing, in batches (spfmilter.logwriter), so a slow syslog never holds up a
+    connection.  Returns that handler, which the caller stops (it writes what is
+    pending; after a fork, set logging up again).
     """
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -67,11 +68,10 @@ def setup_logging(cfg: Config, *, force_stderr: bool = False,
     if not queued:
         root.addHandler(handler)
         return None
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
-    listener.start()
-    root.addHandler(logging.handlers.QueueHandler(records))
-    return listener
+    batching = BatchingHandler(handler)
+    batching.start()
+    root.addHandler(batching)
+    return batching
 
 
 def unix_socket_path(spec: str) -> str | None:
@@ -206,7 +206,7 @@ class Daemon:
     def __init__(self, path: str, cfg: Config) -> None:
         self.path = os.path.abspath(path)  # reload after a chdir("/") reads the same file
         self._stderr = False
-        self._listener: logging.handlers.QueueListener | None = None
+        self._listener: BatchingHandler | None = None
         checker = make_checker(cfg)
         self.metrics = None if cfg.metrics.listen is None else Metrics(
             checker, libmilter=".".join(map(str, lm.version())))
