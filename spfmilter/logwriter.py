@@ -134,7 +134,11 @@ class BatchingHandler(logging.Handler):
                 target.handleError(record)
         target.acquire()
         try:
-            target.stream.write("".join(text))
+            try:
+                target.stream.write("".join(text))
+            except UnicodeError:  # nothing written: one line cannot be, the others can
+                for record in batch:
+                    target.handle(record)
             target.flush()
         except Exception:
             target.handleError(batch[-1])
