@@ -102,7 +102,7 @@ def decide(facts: Facts, policy: PolicyConfig) -> Decision:
     if hygiene is not None and _SEVERITY[hygiene.would_action] > _SEVERITY[verdict]:
         return hygiene
     if driver is None:
-        return Decision("accept", "accept", reason="policy" if checked else "no SPF result")
+        return _ACCEPT_POLICY if checked else _ACCEPT_NO_RESULT
     reason = f"{driver.identity} {driver.result}"
     if policy.test_only:
         return Decision("accept", verdict, reason=reason, identity=driver.identity)
@@ -116,6 +116,11 @@ def decide(facts: Facts, policy: PolicyConfig) -> Decision:
         explanation=driver.explanation if driver.result == "fail" else "",
     )
     return Decision(verdict, verdict, code, xcode, lines, reason, driver.identity)
+
+
+# The common verdicts, made once (a Decision is immutable).
+_ACCEPT_POLICY = Decision("accept", "accept", reason="policy")
+_ACCEPT_NO_RESULT = Decision("accept", "accept", reason="no SPF result")
 
 
 _HYGIENE_TEXT = {
