@@ -16,7 +16,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spfmilter import headers, helo, names
+from spfmilter import headers, helo, names, replies
 from spfmilter.results import RESULTS, SpfResult
 
 EXAMPLES = int(os.environ.get("SPFMILTER_PROPERTY_EXAMPLES", "0"))
@@ -188,3 +188,21 @@ def test_cached_client_address_is_the_uncached(texts: list[str]) -> None:
         parsed = names.client_address.__wrapped__(text)
         assert names.client_address(text) == parsed
         assert names.client_ip(text) == (None if parsed is None else str(parsed))
+
+
+_reply_fields = st.fixed_dictionaries({
+    "template": st.sampled_from(["SPF {result} for {domain} from {ip}: {explanation}",
+                                 "{identity} {result:>12}", "", "{explanation}"]),
+    "identity": st.sampled_from(["helo", "mailfrom"]),
+    "domain": st.sampled_from(["example.test", "other.test", "x" * 300]),
+    "ip": st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::1"]),
+    "result": st.sampled_from(RESULTS),
+    "explanation": _text,
+})
+
+
+@given(calls=st.lists(_reply_fields, min_size=1, max_size=4))
+@bounded(300)
+def test_cached_reply_render_is_the_uncached(calls: list[dict]) -> None:
+    for fields in calls * 2:
+        assert replies.render(**fields) == replies.render.__wrapped__(**fields)
