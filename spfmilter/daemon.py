@@ -330,7 +330,7 @@ class Daemon:
             os.chown(sock_path, uid if uid is not None else -1, gid if gid is not None else -1)
         if detach:
             daemonize()
-        self._relog(cfg)  # after the fork: the listener thread must live in this process
+        self._relog(cfg)  # after the fork: the log writer thread must live in this process
         reporter = sdnotify.StatusReporter(self.notifier, self.status)
         try:
             if metrics_server is not None:
