@@ -54,7 +54,7 @@ FOLD_WIDTH = 78
 #: Hard line length limit, excluding CRLF (RFC 5322 2.1.1 "MUST").
 MAX_LINE = 998
 #: Distinct field values remembered by the cached_* builders.
-HEADER_CACHE_SIZE = 1024
+HEADER_CACHE_SIZE = 512
 
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+\Z")  # RFC 2045 token
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"

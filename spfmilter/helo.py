@@ -113,7 +113,7 @@ def _our_forms(items: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
 
 
 #: Distinct (HELO, client, our names) whose findings are remembered.
-CLASSIFY_CACHE_SIZE = 1024
+CLASSIFY_CACHE_SIZE = 512
 
 
 def classify(helo: str, ip: str | None, ours: Iterable[str] = ()) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 #: Distinct texts whose parse is remembered.  One SMTP connection asks for its
 #: client's address at connect, HELO, MAIL FROM and in the skip lists; parsing
 #: it once instead (ipaddress is slow) is worth a bounded cache shared by all.
-PARSE_CACHE_SIZE = 4096
+PARSE_CACHE_SIZE = 2048
 
 
 @functools.lru_cache(maxsize=PARSE_CACHE_SIZE)

@@ -57,7 +57,7 @@ class Decision:
     identity: str | None = None  # the identity that drove the verdict
 
 
-@functools.lru_cache(maxsize=1024)  # sender domains repeat; ascii_domain is not free
+@functools.lru_cache(maxsize=512)  # sender domains repeat; ascii_domain is not free
 def _domain_chain(domain: str) -> tuple[str, ...]:
     """``a.b.example`` -> ``("a.b.example", "b.example", "example")``, in A-labels
     (the form ``[domain:NAME]`` sections are stored in)."""

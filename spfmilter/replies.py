@@ -78,7 +78,7 @@ def _bound(text: str, limit: int) -> str:
     return text[: limit - 3].rstrip() + "..."
 
 
-@functools.lru_cache(maxsize=1024)  # pure; a reject's text repeats for its domain and client
+@functools.lru_cache(maxsize=256)  # pure; a reject's text repeats for its domain and client
 def render(
     template: str, *, identity: str, domain: str, ip: str, result: str, explanation: str
 ) -> tuple[str, ...]:

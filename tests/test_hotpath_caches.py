@@ -16,7 +16,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spfmilter import headers, helo, names, replies
+from spfmilter import headers, helo, names, policy, replies, transaction
 from spfmilter.results import RESULTS, SpfResult
 
 EXAMPLES = int(os.environ.get("SPFMILTER_PROPERTY_EXAMPLES", "0"))
@@ -127,6 +127,14 @@ def test_header_cache_is_bounded() -> None:
         headers.cached_authentication_results("mx.example.test", None, spf)
     info = headers._authentication_results.cache_info()
     assert info.currsize == info.maxsize == headers.HEADER_CACHE_SIZE
+
+
+def test_every_hot_path_cache_is_bounded() -> None:
+    """A flood of distinct clients, HELOs and domains evicts; it never grows memory."""
+    for cached in (headers._authentication_results, headers._received_spf, helo._classify,
+                   helo._our_forms, names.client_address, names.client_ip, replies.render,
+                   policy._domain_chain, transaction.local_addresses):
+        assert 0 < cached.cache_info().maxsize <= 2048, cached
 
 
 def _break_points_reference(value: str) -> list[int]:
