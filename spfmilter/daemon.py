@@ -8,7 +8,6 @@ import logging
 import logging.handlers
 import os
 import pwd
-import queue
 import socket
 import stat
 import sys
@@ -21,6 +20,7 @@ import libmilter_ext as lm
 from . import config as configmod
 from . import sdnotify
 from .config import Config
+from .logwriter import BatchingHandler
 from .metrics import Metrics, MetricsServer
 from .milter import Runtime, RuntimeHolder, SpfMilter, factory
 from .spfcheck import SpfChecker
@@ -44,12 +44,13 @@ def make_checker(cfg: Config) -> SpfChecker:
 
 
 def setup_logging(cfg: Config, *, force_stderr: bool = False,
-                  queued: bool = False) -> logging.handlers.QueueListener | None:
+                  queued: bool = False) -> BatchingHandler | None:
     """Send logs to syslog (facility from config) or stderr; only the daemon calls this.
 
-    queued: milter threads only put records on a queue and a listener thread does
-    the writing, so a slow syslog never holds up a connection.  Returns the
-    listener, which the caller stops (after a fork, set logging up again).
+    queued: milter threads only hand records over and a writer thread does the
+    writing, in batches (spfmilter.logwriter), so a slow syslog never holds up a
+    connection.  Returns that handler, which the caller stops (it writes what is
+    pending; after a fork, set logging up again).
     """
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -64,14 +65,16 @@ def setup_logging(cfg: Config, *, force_stderr: bool = False,
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s spfmilter %(levelname)s %(message)s"))
     root.setLevel(cfg.milter.log_level.upper())
+    # Neither format shows the thread or process of a record: don't look them up
+    # for every record (the logging HOWTO's "Optimization").
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if not queued:
         root.addHandler(handler)
         return None
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
-    listener.start()
-    root.addHandler(logging.handlers.QueueHandler(records))
-    return listener
+    batching = BatchingHandler(handler)
+    batching.start()
+    root.addHandler(batching)
+    return batching
 
 
 def unix_socket_path(spec: str) -> str | None:
@@ -206,7 +209,7 @@ class Daemon:
     def __init__(self, path: str, cfg: Config) -> None:
         self.path = os.path.abspath(path)  # reload after a chdir("/") reads the same file
         self._stderr = False
-        self._listener: logging.handlers.QueueListener | None = None
+        self._listener: BatchingHandler | None = None
         checker = make_checker(cfg)
         self.metrics = None if cfg.metrics.listen is None else Metrics(
             checker, libmilter=".".join(map(str, lm.version())))
@@ -327,7 +330,7 @@ class Daemon:
             os.chown(sock_path, uid if uid is not None else -1, gid if gid is not None else -1)
         if detach:
             daemonize()
-        self._relog(cfg)  # after the fork: the listener thread must live in this process
+        self._relog(cfg)  # after the fork: the log writer thread must live in this process
         reporter = sdnotify.StatusReporter(self.notifier, self.status)
         try:
             if metrics_server is not None:

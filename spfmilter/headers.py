@@ -33,6 +33,7 @@ Choices made here:
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 
@@ -41,7 +42,8 @@ from authres import core
 
 from .results import SpfResult
 
-__all__ = ["authentication_results", "received_spf", "is_own_authres", "fold", "unfold"]
+__all__ = ["authentication_results", "received_spf", "is_own_authres", "fold", "unfold",
+           "cached_authentication_results", "cached_received_spf"]
 
 #: Longest comment text, counted after escaping (one untrusted piece of a line).
 MAX_COMMENT = 150
@@ -51,6 +53,8 @@ MAX_VALUE = 320
 FOLD_WIDTH = 78
 #: Hard line length limit, excluding CRLF (RFC 5322 2.1.1 "MUST").
 MAX_LINE = 998
+#: Distinct field values remembered by the cached_* builders.
+HEADER_CACHE_SIZE = 512
 
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+\Z")  # RFC 2045 token
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -209,13 +213,80 @@ def received_spf(result: SpfResult, *, ip: str, helo: str, receiver: str) -> str
     return fold("Received-SPF", " ".join(parts + rendered))
 
 
+# -- the same, remembered ----------------------------------------------------
+# A busy MX sees the same few dozen results again and again.  Each cached
+# builder keys on exactly the parts of its inputs the builder above reads and
+# builds from the key alone (the SpfResult is made anew from it), so two inputs
+# can share text only when the builder could not tell them apart.
+
+_ResultKey = tuple  # (identity, result, domain, sender, comment), or None
+
+
+def _ar_key(spf: SpfResult | None, mailfrom_format: str) -> _ResultKey | None:
+    if spf is None or not spf.checked:  # left out of the field either way
+        return None
+    sender = spf.sender if spf.identity == "mailfrom" and mailfrom_format == "address" else ""
+    return (spf.identity, spf.result, spf.domain, sender, spf.comment)
+
+
+def _from_key(key: _ResultKey | None) -> SpfResult | None:
+    if key is None:
+        return None
+    identity, result, domain, sender, comment = key
+    return SpfResult(identity, result, domain=domain, sender=sender, comment=comment)
+
+
+def cached_authentication_results(
+    authserv_id: str,
+    helo: SpfResult | None,
+    mailfrom: SpfResult | None,
+    *,
+    mailfrom_format: str = "domain",
+    skip: str | None = None,
+    note: str = "",
+) -> str:
+    """:func:`authentication_results`, remembered (bounded LRU)."""
+    return _authentication_results(authserv_id, _ar_key(helo, mailfrom_format),
+                                   _ar_key(mailfrom, mailfrom_format), mailfrom_format,
+                                   skip, note)
+
+
+@functools.lru_cache(maxsize=HEADER_CACHE_SIZE)
+def _authentication_results(authserv_id: str, helo: _ResultKey | None,
+                            mailfrom: _ResultKey | None, mailfrom_format: str,
+                            skip: str | None, note: str) -> str:
+    return authentication_results(authserv_id, _from_key(helo), _from_key(mailfrom),
+                                  mailfrom_format=mailfrom_format, skip=skip, note=note)
+
+
+def cached_received_spf(result: SpfResult, *, ip: str, helo: str, receiver: str) -> str:
+    """:func:`received_spf`, remembered (bounded LRU)."""
+    return _received_spf((result.identity, result.result, "", result.sender, result.comment),
+                         ip, helo, receiver)
+
+
+@functools.lru_cache(maxsize=HEADER_CACHE_SIZE)
+def _received_spf(result: _ResultKey, ip: str, helo: str, receiver: str) -> str:
+    spf = _from_key(result)
+    assert spf is not None
+    return received_spf(spf, ip=ip, helo=helo, receiver=receiver)
+
+
+_SPECIAL = re.compile(r'[\\"() ]')  # the only characters that move _break_points' state
+
+
 def _break_points(value: str) -> list[int]:
     """Indexes of the spaces in ``value`` outside quoted-strings (comments included)."""
-    points, depth, quoted, pos = [], 0, False, 0
-    while pos < len(value):
-        char = value[pos]
-        if char == "\\" and (quoted or depth):
-            pos += 2
+    points: list[int] = []
+    depth, quoted, skip = 0, False, 0
+    for match in _SPECIAL.finditer(value):
+        pos = match.start()
+        if pos < skip:  # the character after a backslash: quoted-pair
+            continue
+        char = match.group()
+        if char == "\\":
+            if quoted or depth:
+                skip = pos + 2
             continue
         if quoted:
             quoted = char != '"'
@@ -227,7 +298,6 @@ def _break_points(value: str) -> list[int]:
             depth -= 1
         elif char == " ":
             points.append(pos)
-        pos += 1
     return points
 
 

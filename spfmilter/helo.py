@@ -33,6 +33,7 @@ Choices made here (see spfmilter.cfg(5)):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -93,6 +94,11 @@ def literal(text: str) -> str | None:
 def our_forms(items: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
     """Our names and addresses from a mixed list (names, addresses, literals),
     in the forms :func:`classify` compares; items that are neither are dropped."""
+    return _our_forms(tuple(items))
+
+
+@functools.lru_cache(maxsize=256)  # our names: the same few tuples over and over
+def _our_forms(items: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
     domains, addresses = set(), set()
     for item in items:
         item = item.strip()
@@ -106,15 +112,25 @@ def our_forms(items: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(domains), frozenset(addresses)
 
 
+#: Distinct (HELO, client, our names) whose findings are remembered.
+CLASSIFY_CACHE_SIZE = 512
+
+
 def classify(helo: str, ip: str | None, ours: Iterable[str] = ()) -> tuple[str, ...]:
     """The findings (from :data:`FINDINGS`) for HELO ``helo`` of client ``ip``.
 
     ``ours`` are our names and addresses (domain names, IP addresses or address
-    literals); ``ip`` None (a local client) compares with nothing.
+    literals); ``ip`` None (a local client) compares with nothing.  A pure
+    function, so its answers are remembered (bounded; see _classify).
     """
     if helo == "":
         return ()
-    our_domains, our_addresses = our_forms(ours)
+    return _classify(helo, ip, tuple(ours))
+
+
+@functools.lru_cache(maxsize=CLASSIFY_CACHE_SIZE)
+def _classify(helo: str, ip: str | None, ours: tuple[str, ...]) -> tuple[str, ...]:
+    our_domains, our_addresses = _our_forms(ours)
     client = names.client_ip(ip) if ip else None
     client_is_us = client is not None and client in our_addresses
     address = literal(helo)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import libmilter_ext as lm
 
-from . import dmarc, headers, policy, recipients, transaction
+from . import dmarc, headers, logwriter, policy, recipients, transaction
 from .config import Config
 from .results import SpfResult
 from .spfcheck import SpfChecker
@@ -238,9 +238,7 @@ class SpfMilter(lm.Milter):
             rcpt_fields = "".join((
                 f" exempt={logvalue(chosen.exempt)}" if chosen.exempt else "",
                 " rcpts=" + logvalue(recipients.log_list(self.rcpts))))
-        log.info(
-            "qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s%s action=%s%s "
-            "reason=%s%s%s%s",
+        logwriter.info(log, _LOG_LINE % (
             logvalue(self.queue_id), logvalue(self.ip), logvalue(self.helo_name),
             logvalue(self.sender),
             verdict.helo.result if verdict.helo else "-",
@@ -248,7 +246,11 @@ class SpfMilter(lm.Milter):
             f" helo_finding={','.join(verdict.helo_findings)}" if verdict.helo_findings else "",
             action, f" would={d.would_action}" if d.would_action != action else "",
             logvalue(d.reason), rcpt_fields, _dmarc_fields(verdict),
-            f" outcome={outcome}" if outcome else "")
+            f" outcome={outcome}" if outcome else ""))
+
+
+_LOG_LINE = ("qid=%s ip=%s helo=%s sender=%s helo_spf=%s mailfrom_spf=%s%s action=%s%s "
+             "reason=%s%s%s%s")
 
 
 class RcptSpfMilter(SpfMilter):

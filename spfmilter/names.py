@@ -7,15 +7,23 @@ two spellings of one client or one domain can never be judged differently.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+from typing import Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+#: Distinct texts whose parse is remembered.  One SMTP connection asks for its
+#: client's address at connect, HELO, MAIL FROM and in the skip lists; parsing
+#: it once instead (ipaddress is slow) is worth a bounded cache shared by all.
+PARSE_CACHE_SIZE = 2048
 
 
-def client_ip(text: str) -> str | None:
-    """The client address in canonical text form, or None when it is not one.
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def client_address(text: str) -> IPAddress | None:
+    """The client address as an ``ipaddress`` object (see :func:`client_ip`), or None.
 
-    Brackets, an ``IPv6:`` tag and a zone index are dropped, and an
-    IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) becomes its IPv4 address:
-    RFC 7208 5 and 4.8 evaluate such a client as IPv4, and so do the skip lists.
+    Remembered per text (a pure function; the objects are immutable).
     """
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
@@ -28,7 +36,19 @@ def client_ip(text: str) -> str | None:
         return None
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return str(address)
+    return address
+
+
+@functools.lru_cache(maxsize=PARSE_CACHE_SIZE)
+def client_ip(text: str) -> str | None:
+    """The client address in canonical text form, or None when it is not one.
+
+    Brackets, an ``IPv6:`` tag and a zone index are dropped, and an
+    IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) becomes its IPv4 address:
+    RFC 7208 5 and 4.8 evaluate such a client as IPv4, and so do the skip lists.
+    """
+    address = client_address(text)
+    return None if address is None else str(address)
 
 
 def canonical_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -19,6 +19,7 @@ naming the finding, since reply_text's placeholders describe an SPF result.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from . import names, replies
@@ -56,20 +57,23 @@ class Decision:
     identity: str | None = None  # the identity that drove the verdict
 
 
-def _domain_chain(domain: str) -> list[str]:
-    """``a.b.example`` -> ``["a.b.example", "b.example", "example"]``, in A-labels
+@functools.lru_cache(maxsize=512)  # sender domains repeat; ascii_domain is not free
+def _domain_chain(domain: str) -> tuple[str, ...]:
+    """``a.b.example`` -> ``("a.b.example", "b.example", "example")``, in A-labels
     (the form ``[domain:NAME]`` sections are stored in)."""
     try:
         domain = names.ascii_domain(domain)
     except ValueError:
-        return []
+        return ()
     labels = domain.split(".")
-    return [".".join(labels[i:]) for i in range(len(labels)) if labels[i]]
+    return tuple(".".join(labels[i:]) for i in range(len(labels)) if labels[i])
 
 
 def action_for(policy: PolicyConfig, identity: str, result: str, sender_domain: str = "") -> str:
     """The action ``policy`` gives ``result`` of ``identity`` for mail from ``sender_domain``."""
     option = f"{identity}_{result}"
+    if not policy.domains:  # no [domain:NAME] sections: nothing to look up
+        return str(getattr(policy, option))
     for domain in _domain_chain(sender_domain):
         actions = policy.domains.get(domain)
         if actions is not None and option in actions:
@@ -98,7 +102,7 @@ def decide(facts: Facts, policy: PolicyConfig) -> Decision:
     if hygiene is not None and _SEVERITY[hygiene.would_action] > _SEVERITY[verdict]:
         return hygiene
     if driver is None:
-        return Decision("accept", "accept", reason="policy" if checked else "no SPF result")
+        return _ACCEPT_POLICY if checked else _ACCEPT_NO_RESULT
     reason = f"{driver.identity} {driver.result}"
     if policy.test_only:
         return Decision("accept", verdict, reason=reason, identity=driver.identity)
@@ -112,6 +116,11 @@ def decide(facts: Facts, policy: PolicyConfig) -> Decision:
         explanation=driver.explanation if driver.result == "fail" else "",
     )
     return Decision(verdict, verdict, code, xcode, lines, reason, driver.identity)
+
+
+# The common verdicts, made once (a Decision is immutable).
+_ACCEPT_POLICY = Decision("accept", "accept", reason="policy")
+_ACCEPT_NO_RESULT = Decision("accept", "accept", reason="no SPF result")
 
 
 _HYGIENE_TEXT = {

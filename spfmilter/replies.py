@@ -8,6 +8,7 @@ extension's ``setreply`` does libmilter's own escaping.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import textwrap
@@ -77,6 +78,7 @@ def _bound(text: str, limit: int) -> str:
     return text[: limit - 3].rstrip() + "..."
 
 
+@functools.lru_cache(maxsize=256)  # pure; a reject's text repeats for its domain and client
 def render(
     template: str, *, identity: str, domain: str, ip: str, result: str, explanation: str
 ) -> tuple[str, ...]:

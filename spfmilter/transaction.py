@@ -5,7 +5,7 @@ Shared by the milter and by ``spfmilter test`` so both give the same answer.
 
 from __future__ import annotations
 
-import ipaddress
+import functools
 from dataclasses import dataclass, replace
 
 from . import config, dmarc, headers, names, policy
@@ -43,6 +43,7 @@ def client_ip(ip: str) -> str:
     return names.client_ip(ip) or ip
 
 
+@functools.lru_cache(maxsize=256)  # a few listening addresses, asked at every connect
 def local_addresses(*macros: str | None) -> tuple[str, ...]:
     """Our side of the connection from the MTA's ``{daemon_addr}`` (Sendmail: the
     listening address; Postfix >= 3.2: the server address) and ``{if_addr}``
@@ -50,19 +51,19 @@ def local_addresses(*macros: str | None) -> tuple[str, ...]:
     are dropped."""
     found: list[str] = []
     for value in macros:
-        address = names.client_ip(value) if value else None
-        if address is not None and not ipaddress.ip_address(address).is_unspecified \
-                and address not in found:
-            found.append(address)
+        parsed = names.client_address(value) if value else None
+        if parsed is not None and not parsed.is_unspecified:
+            address = str(parsed)
+            if address not in found:
+                found.append(address)
     return tuple(found)
 
 
 def _in(networks: tuple[config.IPNetwork, ...], ip: str | None) -> bool:
-    canonical = None if ip is None else names.client_ip(ip)
-    if canonical is None:
+    if not networks or ip is None:
         return False
-    addr = ipaddress.ip_address(canonical)
-    return any(addr in net for net in networks)
+    addr = names.client_address(ip)  # parsed once per address, not per list
+    return addr is not None and any(addr in net for net in networks)
 
 
 def client_skip(cfg: Config, ip: str | None) -> str | None:
@@ -156,17 +157,17 @@ def review_dmarc(checker: SpfChecker, verdict: Verdict, from_values: list[str]) 
 
 def build_headers(cfg: Config, facts: policy.Facts, *, helo: str = "",
                   receiver: str = "") -> tuple[tuple[str, str], ...]:
-    """The header fields to insert, top first."""
+    """The header fields to insert, top first (their text remembered: headers.cached_*)."""
     fields: list[tuple[str, str]] = []
     if cfg.headers.authentication_results:
-        fields.append(("Authentication-Results", headers.authentication_results(
+        fields.append(("Authentication-Results", headers.cached_authentication_results(
             cfg.spf.authserv_id, facts.helo, facts.mailfrom,
             mailfrom_format=cfg.headers.mailfrom, skip=facts.skip,
             note=helomod.note(facts.helo_findings, helo))))
     if cfg.headers.received_spf and facts.skip is None:
         main = facts.mailfrom if facts.mailfrom is not None else facts.helo
         if main is not None:
-            fields.append(("Received-SPF", headers.received_spf(
+            fields.append(("Received-SPF", headers.cached_received_spf(
                 main, ip=facts.ip, helo=helo,
                 receiver=receiver or cfg.spf.authserv_id)))
     return tuple(fields)
