@@ -14,6 +14,12 @@
  * and gives it back before returning; nothing thread-specific is kept per
  * connection.  Every libmilter call that may block (smfi_main, writes to the MTA)
  * runs with the GIL released.
+ *
+ * Each GIL hand-off between libmilter's threads costs futex calls and context
+ * switches, so callbacks that need no Python answer without the GIL: deferred
+ * stages (answer CONTINUE, arguments copied, the method run by the next stage
+ * that takes the GIL: run_pending), filtered header fields, and a close whose
+ * Python work can wait (the context queued for release_closed).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
