@@ -307,3 +307,17 @@ def test_deferred_verdicts_follow_the_no_reply_model(deferred, host, helo, unkno
             # the next transaction: the data verdict ended with the message
             assert c.mail("<ok@example.org>").action == "continue"
             assert c.rcpt("<ok@example.org>").action == "continue"
+
+
+def test_a_second_helo_replaces_the_macros_the_first_deferred_helo_reads(deferred):
+    """libmilter keeps one set of HELO macros: EHLO again (after STARTTLS, say)
+    replaces them before the first, deferred, helo() runs."""
+    before = _serials(deferred)
+    with MilterClient(deferred.spec) as c:
+        assert c.connect("ok.example", "192.0.2.1", 25, macros={"j": "mx.test"}).continues
+        assert c.helo("first.example", macros={"{tls_version}": "none"}).continues
+        assert c.helo("second.example", macros={"{tls_version}": "TLSv1.3"}).continues
+        assert c.mail("<a@example.org>").continues
+    serial = _new_serial(deferred, before)
+    assert _calls(deferred, serial)[1:3] == ["helo first.example tls=TLSv1.3",
+                                             "helo second.example tls=TLSv1.3"]
