@@ -170,11 +170,13 @@ def deferred(method: Callable[..., Any]) -> Callable[..., Any]:
     does), keeps a copy of the arguments, and calls the method later in the
     same GIL hold as the next stage that does enter Python (or at abort or
     close if none does), in the order the stages came.  getsymval() still sees
-    the stage's macros then (libmilter keeps them until a later stage of the
-    same kind).  A verdict it returns anyway (or the fail-safe of an
-    exception) is carried as a no-reply stage's is: the stage that ran the
-    method answers it.  Up to 8 calls wait per connection; the ninth stage
-    runs them and queues itself.
+    the stage's macros then: libmilter keeps connect's and helo's macros until
+    the session ends, and clears only those of the stage it enters and later
+    ones -- but a second HELO/EHLO (after STARTTLS, say) replaces helo's, so
+    a deferred first helo() reads the second one's.  A verdict it returns
+    anyway (or the fail-safe of an exception) is carried as a no-reply
+    stage's is: the stage that ran the method answers it.  Up to 8 calls
+    wait per connection; the ninth stage runs them and queues itself.
 
     On close() it means: close() runs after libmilter's close callback has
     returned, with the context already closed (no getsymval), at the next GIL
