@@ -178,10 +178,11 @@ def deferred(method: Callable[..., Any]) -> Callable[..., Any]:
     stage's is: the stage that ran the method answers it.  Up to 8 calls
     wait per connection; the ninth stage runs them and queues itself.
 
-    On close() it means: close() runs after libmilter's close callback has
-    returned, with the context already closed (no getsymval), at the next GIL
-    hold of any connection or at shutdown.  A class that does not override
-    close() gets that for free.
+    On close() it means: unless deferred calls are still waiting (then it
+    runs in the close callback, after them), close() runs after libmilter's
+    close callback has returned, with the context already closed (no
+    getsymval), at the next GIL hold of any connection or at shutdown.  A
+    class that does not override close() gets that for free.
     """
     method._milter_deferred = True  # type: ignore[attr-defined]
     return method
