@@ -94,6 +94,8 @@ BODY = b"Hello Bob,\r\n\r\nthis is a small message for the milter benchmark.\r\n
 C_LABEL = "C libmilter"
 EXT_LABEL = "libmilter_ext"
 EXT_NEG_LABEL = "libmilter_ext (negotiated)"
+EXT_FOUR_LABEL = "libmilter_ext (4 stages)"
+EXT_DEFERRED_LABEL = "libmilter_ext (4 stages, deferred)"
 PY_LABEL = "pymilter"
 CANDIDATE_LABEL = "libmilter_ext (candidate)"
 
@@ -496,6 +498,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-negotiated", action="store_true",
                         help="leave out the libmilter_ext variant that overrides only "
                              "envfrom and eom")
+    parser.add_argument("--deferred", action="store_true",
+                        help="add two libmilter_ext rows with spfmilter's stages (connect, "
+                             "helo, envfrom, eom, close): as they are, and with connect "
+                             "and helo @deferred and the default close")
     parser.add_argument("--pymilter-venv", type=Path, default=None,
                         help="venv for pymilter, made if missing (default: "
                              "~/.cache/spfmilter-bench/pymilter-pyX.Y)")
@@ -534,6 +540,10 @@ def make_impls(args: argparse.Namespace, tmp: Path) -> list[Impl]:
                           version=f"(from {args.candidate})"))
     if not args.no_negotiated:
         impls.append(Impl(EXT_NEG_LABEL, [sys.executable, str(EXT_MILTER), "--negotiated"],
+                          False))
+    if args.deferred:
+        impls.append(Impl(EXT_FOUR_LABEL, [sys.executable, str(EXT_MILTER), "--four"], False))
+        impls.append(Impl(EXT_DEFERRED_LABEL, [sys.executable, str(EXT_MILTER), "--deferred"],
                           False))
     if not args.skip_pymilter:
         if args.fresh_venv:

@@ -13,7 +13,9 @@ callbacks you need, and start it with :func:`run`::
     libmilter_ext.run(Hello, "unix:/run/hello.sock", "hello")
 
 Stages you don't override are never sent by the MTA, stages decorated with
-:func:`noreply` don't make the MTA wait for an answer, and an exception in a
+:func:`noreply` don't make the MTA wait for an answer, stages decorated with
+:func:`deferred` don't even take the GIL when they arrive (their method runs
+just before the next stage that calls Python), and an exception in a
 callback is logged and answered with :attr:`Milter.failsafe`.
 """
 
@@ -87,7 +89,8 @@ from ._milter import (  # noqa: F401  (re-exported)
 
 __all__ = [
     "ACCEPT", "CONTINUE", "DISCARD", "NOREPLY", "REJECT", "SKIP", "TEMPFAIL",
-    "Context", "Milter", "MilterError", "StageError", "handle_signals", "main", "noreply",
+    "Context", "Milter", "MilterError", "StageError", "deferred", "handle_signals", "main",
+    "noreply",
     "open_socket",
     "register", "run", "setbacklog", "setdbg", "setmaxdatasize", "settimeout", "stop",
     "version",
@@ -152,6 +155,39 @@ def noreply(method: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
+# Stages whose method may be deferred: their answer does not depend on the
+# method (it is "continue"), so C gives it at once.
+_DEFERRABLE = {"connect": SMFIP_NR_CONN, "helo": SMFIP_NR_HELO, "data": SMFIP_NR_DATA,
+               "unknown": SMFIP_NR_UNKN}
+
+
+def deferred(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a stage callback later, without making the stage take the GIL.
+
+    For connect(), helo(), data() and unknown() -- and close(), see below --
+    whose answer is always CONTINUE: the C layer answers the MTA at once (and
+    negotiates the stage as no-reply when the MTA offers it, as :func:`noreply`
+    does), keeps a copy of the arguments, and calls the method later in the
+    same GIL hold as the next stage that does enter Python (or at abort or
+    close if none does), in the order the stages came.  getsymval() still sees
+    the stage's macros then: libmilter keeps connect's and helo's macros until
+    the session ends, and clears only those of the stage it enters and later
+    ones -- but a second HELO/EHLO (after STARTTLS, say) replaces helo's, so
+    a deferred first helo() reads the second one's.  A verdict it returns
+    anyway (or the fail-safe of an exception) is carried as a no-reply
+    stage's is: the stage that ran the method answers it.  Up to 8 calls
+    wait per connection; the ninth stage runs them and queues itself.
+
+    On close() it means: unless deferred calls are still waiting (then it
+    runs in the close callback, after them), close() runs after libmilter's
+    close callback has returned, with the context already closed (no
+    getsymval), at the next GIL hold of any connection or at shutdown.  A
+    class that does not override close() gets that for free.
+    """
+    method._milter_deferred = True  # type: ignore[attr-defined]
+    return method
+
+
 def version() -> tuple[int, int, int]:
     """The (major, minor, patch) version of the libmilter in use."""
     return _milter.version()
@@ -179,12 +215,18 @@ class Milter:
     _ctx: Context
     _protocol_cache: ClassVar[dict[type, int]] = {}
     _filter_cache: ClassVar[dict[type, bytes]] = {}
+    _deferral_cache: ClassVar[dict[type, tuple[int, bool]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Check the class attributes when the class is defined, not per connection."""
         super().__init_subclass__(**kwargs)
         if cls.header_names is not None:
             _header_filter_blob(cls.__qualname__, cls.header_names)
+        for name, value in vars(cls).items():
+            if getattr(value, "_milter_deferred", False) and name not in _DEFERRABLE \
+                    and name != "close":
+                raise TypeError(f"{cls.__qualname__}.{name}: only connect, helo, data, "
+                                "unknown and close can be deferred")
 
     # -- callbacks (override what you need) ----------------------------------
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -251,7 +293,8 @@ class Milter:
             method = getattr(cls, name)
             if method is getattr(Milter, name):
                 flags |= skip_bit
-            elif getattr(method, "_milter_noreply", False):
+            elif getattr(method, "_milter_noreply", False) \
+                    or getattr(method, "_milter_deferred", False):
                 flags |= noreply_bit
             elif name == "body":
                 flags |= SMFIP_SKIP  # body() may answer SKIP where the MTA allows it
@@ -270,7 +313,27 @@ class Milter:
                 self._ctx.setsymlist(_MACRO_STAGES[stage], names)
         if self.header_names is not None:
             self._ctx.set_header_filter(self._header_filter())
+        deferred_stages, close_deferred = self._deferral()
+        if deferred_stages:
+            self._ctx.set_deferred(deferred_stages)
+        if close_deferred:
+            self._ctx.set_close_deferred(True)
         return actions, protocol
+
+    @classmethod
+    def _deferral(cls) -> tuple[int, bool]:
+        """(SMFIP_NR_* bits of the deferred stages, is close() deferred) for this class."""
+        cached = Milter._deferral_cache.get(cls)
+        if cached is None:
+            stages = 0
+            for name, bit in _DEFERRABLE.items():
+                method = getattr(cls, name)
+                if method is not getattr(Milter, name) and getattr(method, "_milter_deferred",
+                                                                   False):
+                    stages |= bit
+            close = cls.close is Milter.close or getattr(cls.close, "_milter_deferred", False)
+            cached = Milter._deferral_cache[cls] = (stages, close)
+        return cached
 
     @classmethod
     def _header_filter(cls) -> bytes:

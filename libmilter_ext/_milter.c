@@ -14,6 +14,12 @@
  * and gives it back before returning; nothing thread-specific is kept per
  * connection.  Every libmilter call that may block (smfi_main, writes to the MTA)
  * runs with the GIL released.
+ *
+ * Each GIL hand-off between libmilter's threads costs futex calls and context
+ * switches, so callbacks that need no Python answer without the GIL: deferred
+ * stages (answer CONTINUE, arguments copied, the method run by the next stage
+ * that takes the GIL: run_pending), filtered header fields, and a close whose
+ * Python work can wait (the context queued for release_closed).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -83,7 +89,9 @@ static struct {
     PyObject *parked;      /* {SMFICTX address: closed Context}: what SMFIC_QUIT_NC keeps */
 } S;
 
-typedef struct {
+struct pending;
+
+typedef struct ContextObject {
     PyObject_HEAD
     SMFICTX *ctx;          /* NULL once the connection is closed */
     PyObject *handler;
@@ -97,7 +105,30 @@ typedef struct {
     int msg_verdict;       /* a message stage: until abort, the next MAIL or eom */
     int neg_verdict;       /* negotiation failed: every session on the milter connection */
     PyObject *header_filter; /* bytes "name\0name\0\0" (lower case) or NULL: all */
+    /* Deferred stages (SMFIP_NR_* bits of connect, helo, data, unknown): answered
+     * in C at once; the handler method runs later, in the GIL hold of the next
+     * stage that enters Python (see run_pending). */
+    unsigned long deferred;
+    struct pending *pending;    /* deferred calls not run yet, oldest first */
+    struct pending **pending_end;
+    int npending;
+    int close_deferred;    /* close() runs after the callback, at the next GIL hold */
+    SMFICTX *closed_ctx;   /* while queued for release: the SMFICTX it was parked under */
+    struct ContextObject *release_next;
 } ContextObject;
+
+/* One deferred stage call, its arguments copied out of libmilter's buffers. */
+struct pending {
+    struct pending *next;
+    int stage;
+    int has_text;          /* text is the hostname / HELO name / command, not NULL */
+    int has_addr;
+    struct sockaddr_storage addr;
+    char text[];
+};
+
+/* At most this many deferred calls wait per connection; one more runs them. */
+#define MAX_PENDING 8
 
 static PyTypeObject Context_Type;
 
@@ -127,6 +158,16 @@ static pthread_key_t keep_key;
  */
 static atomic_int closing;
 static atomic_int inflight;
+
+/* GIL acquisitions by libmilter callbacks since the module was loaded: read by
+ * tests and benchmarks through _gil_entries(). */
+static atomic_ulong gil_entries;
+
+/* Closed contexts whose references are dropped (and whose deferred close()
+ * runs) at the next GIL hold of any callback, or at shutdown: a close that
+ * needs no Python then answers without taking the GIL.  A lock-free stack. */
+static _Atomic(void *) release_head;
+static void release_closed(void);
 
 /* Thread exit: delete the kept state.  glibc has already cleared Python's own
  * thread-local pointer by now, so the state comes from our key's value.  Once
@@ -162,6 +203,9 @@ gil_enter(PyGILState_STATE *gs)
         (void)PyGILState_Ensure();
         (void)pthread_setspecific(keep_key, PyThreadState_Get());
     }
+    atomic_fetch_add_explicit(&gil_entries, 1, memory_order_relaxed);
+    if (atomic_load_explicit(&release_head, memory_order_relaxed) != NULL)
+        release_closed();
     return 1;
 }
 
@@ -568,7 +612,43 @@ Context_set_header_filter(ContextObject *self, PyObject *names)
     Py_RETURN_NONE;
 }
 
+/* Stages whose handler method runs deferred: SMFIP_NR_* bits of connect,
+ * helo, data and unknown (the Python layer decides which). */
+static PyObject *
+Context_set_deferred(ContextObject *self, PyObject *arg)
+{
+    const unsigned long allowed = SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_DATA | SMFIP_NR_UNKN;
+    unsigned long v = PyLong_AsUnsignedLong(arg);
+
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if ((v & ~allowed) != 0) {
+        PyErr_SetString(PyExc_ValueError, "set_deferred: only SMFIP_NR_CONN, SMFIP_NR_HELO, "
+                        "SMFIP_NR_DATA and SMFIP_NR_UNKN");
+        return NULL;
+    }
+    self->deferred = v;
+    Py_RETURN_NONE;
+}
+
+/* True: close() runs after libmilter's close callback returned, at the next
+ * GIL hold by any callback (or at shutdown), with the context already closed. */
+static PyObject *
+Context_set_close_deferred(ContextObject *self, PyObject *arg)
+{
+    int v = PyObject_IsTrue(arg);
+
+    if (v < 0)
+        return NULL;
+    self->close_deferred = v;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Context_methods[] = {
+    {"set_deferred", (PyCFunction)Context_set_deferred, METH_O,
+     "SMFIP_NR_* bits of the stages (connect, helo, data, unknown) that run deferred."},
+    {"set_close_deferred", (PyCFunction)Context_set_close_deferred, METH_O,
+     "True: close() runs at the next GIL hold, after the connection is gone."},
     {"set_header_filter", (PyCFunction)Context_set_header_filter, METH_O,
      "Header names (b'a\\0b\\0\\0', lower case) that reach header(); None: all."},
     {"getsymval", (PyCFunction)Context_getsymval, METH_O, "Value of a macro, or None."},
@@ -636,10 +716,26 @@ Context_clear(ContextObject *self)
     return 0;
 }
 
+/* Forget the deferred calls not run (the connection is gone or answered). */
+static void
+drop_pending(ContextObject *c)
+{
+    struct pending *p = c->pending, *next;
+
+    for (; p != NULL; p = next) {
+        next = p->next;
+        PyMem_RawFree(p);
+    }
+    c->pending = NULL;
+    c->pending_end = &c->pending;
+    c->npending = 0;
+}
+
 static void
 Context_dealloc(ContextObject *self)
 {
     PyObject_GC_UnTrack(self);
+    drop_pending(self);
     Context_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -755,6 +851,13 @@ new_context(SMFICTX *ctx)
     c->msg_verdict = NO_VERDICT;
     c->neg_verdict = NO_VERDICT;
     c->header_filter = NULL;
+    c->deferred = 0;
+    c->pending = NULL;
+    c->pending_end = &c->pending;
+    c->npending = 0;
+    c->close_deferred = 0;
+    c->closed_ctx = NULL;
+    c->release_next = NULL;
     PyObject_GC_Track(c);
     if (smfi_setpriv(ctx, c) != MI_SUCCESS) {
         Py_DECREF(c);
@@ -841,6 +944,8 @@ get_context(SMFICTX *ctx, int stage)
         c->neg_verdict = c->conn_verdict = old->neg_verdict;
         Py_XINCREF(old->header_filter);
         c->header_filter = old->header_filter;
+        c->deferred = old->deferred;
+        c->close_deferred = old->close_deferred;
     }
     h = S.factory ? PyObject_CallOneArg(S.factory, (PyObject *)c) : NULL;
     if (h == NULL) {
@@ -909,19 +1014,27 @@ as_verdict(ContextObject *c, int stage, PyObject *res)
     return (int)v;
 }
 
-/* Apply the no-reply rules: a no-reply stage answers SMFIS_NOREPLY and keeps a
- * real verdict for the stages after it, within the scope of the stage. */
+/* Keep a real verdict of a stage that did not answer it for the stages after
+ * it, within the scope of the stage. */
+static void
+carry(ContextObject *c, int stage, int verdict)
+{
+    if (verdict == SMFIS_CONTINUE || verdict == SMFIS_NOREPLY)
+        return;
+    if (stage == ST_CONNECT || stage == ST_HELO || stage == ST_UNKNOWN)
+        c->conn_verdict = verdict;
+    else
+        c->msg_verdict = verdict;
+}
+
+/* Apply the no-reply rules: a no-reply stage answers SMFIS_NOREPLY and carries
+ * a real verdict. */
 static sfsistat
 finish(ContextObject *c, int stage, int verdict)
 {
     c->stage = ST_IDLE;
     if (!replies(c, stage)) {
-        if (verdict != SMFIS_CONTINUE && verdict != SMFIS_NOREPLY) {
-            if (stage == ST_CONNECT || stage == ST_HELO || stage == ST_UNKNOWN)
-                c->conn_verdict = verdict;
-            else
-                c->msg_verdict = verdict;
-        }
+        carry(c, stage, verdict);
         return SMFIS_NOREPLY;
     }
     if (verdict == SMFIS_NOREPLY)
@@ -929,8 +1042,10 @@ finish(ContextObject *c, int stage, int verdict)
     return verdict;
 }
 
-/* Begin a callback: returns the context, or NULL with *early set when the
- * callback must answer without running Python. */
+static void run_pending(ContextObject *c);
+
+/* Begin a callback: run the deferred calls waiting, then return the context,
+ * or NULL with *early set when the callback must answer without running Python. */
 static ContextObject *
 begin(SMFICTX *ctx, int stage, sfsistat *early)
 {
@@ -943,6 +1058,8 @@ begin(SMFICTX *ctx, int stage, sfsistat *early)
     }
     if (stage == ST_ENVFROM)
         c->msg_verdict = NO_VERDICT; /* a new transaction */
+    if (c->pending != NULL)
+        run_pending(c);
     if ((v = carried(c)) != NO_VERDICT) {
         if (stage == ST_EOM)
             c->msg_verdict = NO_VERDICT; /* the transaction ends with this answer */
@@ -974,17 +1091,55 @@ call_method(ContextObject *c, int stage, size_t nargs, PyObject *a0, PyObject *a
  */
 typedef PyObject *(*stage_call)(ContextObject *c, int stage, const void *args);
 
+static int defer(ContextObject *c, int stage, const void *args);
+
+static int
+is_deferred(ContextObject *c, int stage)
+{
+    return (c->deferred & stage_nr_bit[stage]) != 0;
+}
+
+/* A deferred stage answered without the GIL, as begin() would have it; 0 if
+ * it has to take the GIL (shutting down, no context yet, queue full).  The
+ * context is only touched by this connection's callbacks, which libmilter
+ * never runs at the same time. */
+static int
+answer_deferred(ContextObject *c, int stage, const void *args, sfsistat *r)
+{
+    int v = carried(c);
+
+    if (atomic_load(&closing))
+        return 0;
+    if (v != NO_VERDICT)
+        *r = replies(c, stage) ? v : SMFIS_NOREPLY;
+    else if (c->handler == NULL)
+        *r = replies(c, stage) ? SMFIS_TEMPFAIL : SMFIS_NOREPLY;
+    else if (defer(c, stage, args))
+        *r = replies(c, stage) ? SMFIS_CONTINUE : SMFIS_NOREPLY;
+    else
+        return 0;
+    return 1;
+}
+
 static sfsistat
 dispatch(SMFICTX *ctx, int stage, stage_call call, const void *args)
 {
     PyGILState_STATE gs;
-    ContextObject *c;
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
     sfsistat r;
 
+    if (c != NULL && is_deferred(c, stage) && answer_deferred(c, stage, args, &r))
+        return r;
     if (!gil_enter(&gs))
         return SMFIS_TEMPFAIL;
-    if ((c = begin(ctx, stage, &r)) != NULL)
-        r = finish(c, stage, as_verdict(c, stage, call(c, stage, args)));
+    if ((c = begin(ctx, stage, &r)) != NULL) {
+        /* a deferred stage here: the first of a session after SMFIC_QUIT_NC,
+         * or the queue was full (begin ran it) */
+        if (is_deferred(c, stage) && defer(c, stage, args))
+            r = finish(c, stage, SMFIS_CONTINUE);
+        else
+            r = finish(c, stage, as_verdict(c, stage, call(c, stage, args)));
+    }
     gil_leave(gs);
     return r;
 }
@@ -1130,6 +1285,90 @@ call_noargs(ContextObject *c, int stage, const void *Py_UNUSED(args))
     return call_method(c, stage, 0, NULL, NULL, NULL);
 }
 
+/* ---- deferred stages ------------------------------------------------------ */
+
+/* Queue a deferred call of stage with its arguments (as dispatch gets them)
+ * copied; 0 if it cannot wait (queue full, no memory).  No GIL needed. */
+static int
+defer(ContextObject *c, int stage, const void *args)
+{
+    const char *text = NULL;
+    const _SOCK_ADDR *addr = NULL;
+    size_t len, alen = 0;
+    struct pending *p;
+
+    if (stage == ST_CONNECT) {
+        const struct connect_args *a = args;
+
+        text = a->hostname;
+        addr = a->hostaddr;
+    } else if (stage == ST_HELO || stage == ST_UNKNOWN)
+        text = args;
+    len = text != NULL ? strlen(text) + 1 : 1;
+    if (c->npending >= MAX_PENDING || (p = PyMem_RawMalloc(sizeof *p + len)) == NULL)
+        return 0;
+    p->next = NULL;
+    p->stage = stage;
+    p->has_text = text != NULL;
+    memcpy(p->text, text != NULL ? text : "", len);
+    p->has_addr = addr != NULL;
+    memset(&p->addr, 0, sizeof p->addr);
+    if (addr != NULL) {
+        const struct sockaddr *sa = (const struct sockaddr *)addr;
+
+        alen = sa->sa_family == AF_INET    ? sizeof(struct sockaddr_in)
+               : sa->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+               : sa->sa_family == AF_UNIX  ? sizeof(struct sockaddr_un)
+                                           : sizeof(struct sockaddr);
+        memcpy(&p->addr, addr, alen);
+    }
+    *c->pending_end = p;
+    c->pending_end = &p->next;
+    c->npending++;
+    return 1;
+}
+
+static PyObject *
+call_pending(ContextObject *c, const struct pending *p)
+{
+    const char *text = p->has_text ? p->text : NULL;
+
+    if (p->stage == ST_CONNECT) {
+        struct connect_args a = {text, p->has_addr ? (_SOCK_ADDR *)&p->addr : NULL};
+
+        return call_connect(c, ST_CONNECT, &a);
+    }
+    if (p->stage == ST_HELO || p->stage == ST_UNKNOWN)
+        return call_string(c, p->stage, text);
+    return call_noargs(c, p->stage, NULL);
+}
+
+/*
+ * Run the deferred calls, oldest first, as their stages would have run had
+ * they been no-reply: a real verdict (or the fail-safe of an exception) is
+ * carried to the stage running them, which answers it; once a verdict is
+ * carried, the calls after it are dropped, as their stages would not have
+ * reached Python.  GIL held.
+ */
+static void
+run_pending(ContextObject *c)
+{
+    struct pending *p;
+    int saved = c->stage;
+
+    while ((p = c->pending) != NULL) {
+        if ((c->pending = p->next) == NULL)
+            c->pending_end = &c->pending;
+        c->npending--;
+        if (carried(c) == NO_VERDICT && c->handler != NULL) {
+            c->stage = p->stage;
+            carry(c, p->stage, as_verdict(c, p->stage, call_pending(c, p)));
+        }
+        PyMem_RawFree(p);
+    }
+    c->stage = saved;
+}
+
 static sfsistat
 cb_connect(SMFICTX *ctx, char *hostname, _SOCK_ADDR *hostaddr)
 {
@@ -1241,6 +1480,7 @@ cb_abort(SMFICTX *ctx)
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
     if ((c = (ContextObject *)smfi_getpriv(ctx)) != NULL) {
+        run_pending(c);
         c->msg_verdict = NO_VERDICT; /* the transaction is over */
         call_quietly(c, ST_ABORT);
     }
@@ -1248,23 +1488,66 @@ cb_abort(SMFICTX *ctx)
     return SMFIS_CONTINUE;
 }
 
+/*
+ * The closed contexts queued by cb_close, oldest first: each is parked first
+ * (so that the next session after SMFIC_QUIT_NC finds it even while a close()
+ * below lets go of the GIL), then its close() runs and its references go.
+ * GIL held.
+ */
+static void
+release_closed(void)
+{
+    ContextObject *c = atomic_exchange(&release_head, NULL), *oldest = NULL, *next;
+
+    for (; c != NULL; c = next) {
+        next = c->release_next;
+        c->release_next = oldest;
+        oldest = c;
+    }
+    for (c = oldest; c != NULL; c = c->release_next)
+        if (park_context(c->closed_ctx, c) < 0)
+            PyErr_WriteUnraisable(NULL);
+    for (c = oldest; c != NULL; c = next) {
+        next = c->release_next;
+        c->release_next = NULL;
+        c->closed_ctx = NULL;
+        call_quietly(c, ST_CLOSE);
+        Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
+        Py_DECREF(c);
+    }
+}
+
 static sfsistat
 cb_close(SMFICTX *ctx)
 {
     PyGILState_STATE gs;
-    ContextObject *c;
+    ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    void *head;
 
+    if (c == NULL)
+        return SMFIS_CONTINUE;
+    if (c->close_deferred && c->pending == NULL) {
+        /* Nothing to run now: queue the context (and libmilter's reference to
+         * it) for the next GIL hold, and answer without the GIL. */
+        c->ctx = NULL;
+        c->closed_ctx = ctx;
+        (void)smfi_setpriv(ctx, NULL);
+        head = atomic_load(&release_head);
+        do
+            c->release_next = head;
+        while (!atomic_compare_exchange_weak(&release_head, &head, c));
+        return SMFIS_CONTINUE;
+    }
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
-    if ((c = (ContextObject *)smfi_getpriv(ctx)) != NULL) {
-        call_quietly(c, ST_CLOSE);
-        c->ctx = NULL;
-        (void)smfi_setpriv(ctx, NULL);
-        Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
-        if (park_context(ctx, c) < 0)
-            PyErr_WriteUnraisable(NULL);
-        Py_DECREF(c);
-    }
+    run_pending(c);
+    call_quietly(c, ST_CLOSE);
+    c->ctx = NULL;
+    (void)smfi_setpriv(ctx, NULL);
+    Py_CLEAR(c->handler); /* breaks the handler <-> context cycle */
+    if (park_context(ctx, c) < 0)
+        PyErr_WriteUnraisable(NULL);
+    Py_DECREF(c);
     gil_leave(gs);
     return SMFIS_CONTINUE;
 }
@@ -1515,6 +1798,7 @@ mod_shutdown(PyObject *Py_UNUSED(m), PyObject *arg)
         waited_ms++;
     }
     Py_END_ALLOW_THREADS
+    release_closed();
     return PyBool_FromLong(left == 0);
 }
 
@@ -1531,6 +1815,12 @@ mod_park_limit(PyObject *Py_UNUSED(m), PyObject *arg)
     }
     park_limit = v;
     return PyLong_FromSsize_t(old);
+}
+
+static PyObject *
+mod_gil_entries(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLong(atomic_load(&gil_entries));
 }
 
 static PyObject *
@@ -1644,6 +1934,8 @@ static PyMethodDef module_methods[] = {
     {"_park_limit", mod_park_limit, METH_O,
      "For tests: how many closed sessions SMFIC_QUIT_NC may still resume; returns the old."},
     {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
+    {"_gil_entries", mod_gil_entries, METH_NOARGS,
+     "How many times libmilter callbacks took the GIL so far (for tests and benchmarks)."},
     {"disarm_signal_thread", mod_disarm_signal_thread, METH_O,
      "Cancel libmilter's signal thread, given its Linux thread id; True if done."},
     {NULL, NULL, 0, NULL},

@@ -99,6 +99,7 @@ class SpfMilter(lm.Milter):
         self._judging: int | None = None  # the AR field being judged, for on_exception
 
     # -- stages --------------------------------------------------------------
+    @lm.deferred  # always CONTINUE: runs at envfrom, without a GIL hand-off of its own
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.ip = transaction.client_ip(hostaddr[0])  # ::ffff:a.b.c.d is a.b.c.d
@@ -109,6 +110,7 @@ class SpfMilter(lm.Milter):
             self.getsymval("{daemon_addr}"), self.getsymval("{if_addr}"))
         return lm.CONTINUE
 
+    @lm.deferred  # always CONTINUE: the result waits for envfrom anyway
     def helo(self, name: str) -> int:
         self.helo_name = name
         self.helo_result = None
@@ -173,6 +175,7 @@ class SpfMilter(lm.Milter):
         self._log_pending("aborted")
         self._reset()
 
+    @lm.deferred  # runs after the connection is gone, at the next GIL hold
     def close(self) -> None:
         self._log_pending("aborted")
 

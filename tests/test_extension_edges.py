@@ -350,13 +350,16 @@ def _wait_for(condition, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def test_sigterm_with_slow_connections_in_flight_stops_cleanly(shortdir):
-    """12 connections inside a slow callback, then SIGTERM: a clean exit, every time."""
+@pytest.mark.parametrize("variant", ["plain", "deferred"])
+def test_sigterm_with_slow_connections_in_flight_stops_cleanly(shortdir, variant):
+    """12 connections inside a slow callback, then SIGTERM: a clean exit, every time.
+    deferred: the kitchen with @deferred connect/helo/data/unknown/close."""
+    extra = ["--deferred"] if variant == "deferred" else []
     for round_ in range(_SIGTERM_ROUNDS):
-        work = shortdir / f"term{round_}"
+        work = shortdir / f"term{variant}{round_}"
         work.mkdir()
-        spec = f"unix:{shortdir}/term{round_}.sock"
-        d = Daemon([PYTHON, str(MILTERS / "kitchen.py"), spec], spec, work).start()
+        spec = f"unix:{shortdir}/term{variant}{round_}.sock"
+        d = Daemon([PYTHON, str(MILTERS / "kitchen.py"), spec, *extra], spec, work).start()
         answered: list[str] = []
         threads = [threading.Thread(target=_slow_session, args=(spec, answered))
                    for _ in range(12)]

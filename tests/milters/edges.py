@@ -17,6 +17,14 @@ Usage: edges.py SOCKET_SPEC MODE [PARK_LIMIT], MODE one of
   rawhook   like replying, but registered with the C module's own error hook
             directly: <exit@...> makes the hook raise SystemExit, <hook99@...>
             makes it return 99.
+  deferred  like replying, but connect, helo, data, unknown and close are
+            @deferred; each call is printed (with the macros it reads) and
+            listed in X-Calls at eom; data's verdict is picked by the first
+            recipient's local part, unknown's by the command's first word.
+  counting, eager  the shape of a real milter (connect, helo, envfrom, eom):
+            counting defers connect and helo and keeps the default close,
+            eager does neither; eom reports the process's GIL entries so far
+            in X-Gil.
 
 Every mode answers eom with X-Handler (a number per handler object), X-Headers
 (the header names it saw) and X-Chunks (body chunks seen).
@@ -125,6 +133,98 @@ class NoReply(Replying):
         return super().body(chunk)
 
 
+class Deferred(Replying):
+    macros = {"connect": "j", "helo": "{tls_version}", "envfrom": "i"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.rcpt_word = "ok"
+
+    def _call(self, what: str) -> None:
+        print(f"call {self.serial} {what}", flush=True)
+        self.calls.append(what)
+
+    @lm.deferred
+    def connect(self, hostname, family, hostaddr):
+        self._call(f"connect {hostname} {family} {hostaddr!r} j={self.getsymval('j')} "
+                   f"stage={self._ctx.stage}")
+        return super().connect(hostname, family, hostaddr)
+
+    @lm.deferred
+    def helo(self, name):
+        self._call(f"helo {name} tls={self.getsymval('{tls_version}')}")
+        if name.startswith("reply."):
+            self.setreply("550", "5.7.1", f"helo {name} refused")
+            return lm.REJECT
+        return super().helo(name)
+
+    def envfrom(self, sender, *params):
+        self.calls = [c for c in self.calls if not c.startswith(("rcpt", "data"))]
+        self._call(f"envfrom {sender} i={self.getsymval('i')}")
+        return super().envfrom(sender, *params)
+
+    def envrcpt(self, recipient, *params):
+        if not any(c.startswith("rcpt") for c in self.calls):
+            self.rcpt_word = recipient.strip("<>").split("@")[0]
+        self._call(f"rcpt {recipient}")
+        return lm.CONTINUE
+
+    @lm.deferred
+    def data(self):
+        self._call("data")
+        return _verdict(self.rcpt_word)
+
+    @lm.deferred
+    def unknown(self, command):
+        self._call(f"unknown {command}")
+        return _verdict(command.split()[0].lower())
+
+    def abort(self):
+        self._call("abort")
+
+    def eom(self):
+        self.addheader("X-Calls", ";".join(self.calls))
+        return super().eom()
+
+    @lm.deferred
+    def close(self):
+        print(f"close {self.serial} closed={self._ctx.closed} calls={';'.join(self.calls)}",
+              flush=True)
+
+
+class Counting(lm.Milter):
+    """connect and helo deferred, close not overridden: 3 GIL entries a session."""
+
+    @lm.deferred
+    def connect(self, hostname, family, hostaddr):
+        return lm.CONTINUE
+
+    @lm.deferred
+    def helo(self, name):
+        return lm.CONTINUE
+
+    def envfrom(self, sender, *params):
+        return lm.CONTINUE
+
+    def eom(self):
+        self.addheader("X-Gil", str(lm._milter._gil_entries()))
+        return lm.CONTINUE
+
+
+class Eager(Counting):
+    """The same stages, none deferred, close overridden: 6 GIL entries a session."""
+
+    def connect(self, hostname, family, hostaddr):
+        return lm.CONTINUE
+
+    def helo(self, name):
+        return lm.CONTINUE
+
+    def close(self):
+        print("close", flush=True)
+
+
 class ListNegotiation(Replying):
     """_negotiate answers a list, as a subclass may well do."""
 
@@ -146,7 +246,8 @@ class BadFilter(Replying):
 
 
 MODES = {"noreply": NoReply, "replying": Replying, "listneg": ListNegotiation,
-         "shortneg": ShortNegotiation, "badfilter": BadFilter}
+         "shortneg": ShortNegotiation, "badfilter": BadFilter, "deferred": Deferred,
+         "counting": Counting, "eager": Eager}
 
 
 def raw_hook(handler, stage, exc):

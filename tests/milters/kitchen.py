@@ -2,7 +2,8 @@
 
 Driven by what the client sends: the MAIL FROM local part picks a verdict, an
 ``X-Do`` header lists actions for eom.  Reports what it saw in ``X-Seen-*``
-headers added at eom, and on stdout.  Usage: kitchen.py SOCKET_SPEC
+headers added at eom, and on stdout.  Usage: kitchen.py SOCKET_SPEC [--deferred]
+(--deferred: connect, helo, data, unknown and close are @lm.deferred)
 """
 
 from __future__ import annotations
@@ -173,6 +174,30 @@ class Kitchen(lm.Milter):
         print("close", flush=True)
 
 
+class DeferredKitchen(Kitchen):
+    """The same, with the stages that always continue deferred."""
+
+    @lm.deferred
+    def connect(self, hostname, family, hostaddr):
+        return super().connect(hostname, family, hostaddr)
+
+    @lm.deferred
+    def helo(self, name):
+        return super().helo(name)
+
+    @lm.deferred
+    def data(self):
+        return super().data()
+
+    @lm.deferred
+    def unknown(self, command):
+        return super().unknown(command)
+
+    @lm.deferred
+    def close(self):
+        super().close()
+
+
 def on_hup() -> None:
     print("hup", flush=True)
 
@@ -180,5 +205,6 @@ def on_hup() -> None:
 if __name__ == "__main__":
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
     print("starting", lm.version(), flush=True)
-    lm.run(Kitchen, sys.argv[1], "kitchen", timeout=30, on_hup=on_hup)
+    milter = DeferredKitchen if sys.argv[2:] == ["--deferred"] else Kitchen
+    lm.run(milter, sys.argv[1], "kitchen", timeout=30, on_hup=on_hup)
     print("stopped", flush=True)
