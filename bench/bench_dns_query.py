@@ -3,9 +3,11 @@
 Each path asks NSD (bench_app_dns.Nsd, serving tests/data/zones and
 bench/zones) --queries questions, every one for a name never asked before,
 and the script reports the process CPU time (user + system, from
-time.process_time) per query.  NSD's own CPU is not counted.  Paths take
-turns, round by round; the table shows each path's median round and the
-range over rounds.
+time.process_time) per query.  NSD's own CPU is not counted.  With
+--threads N the queries are shared by N threads asking at once, as
+libmilter's worker threads do: the CPU then includes handing the GIL
+between them.  Paths take turns, round by round; the table shows each
+path's median round and the range over rounds.
 
   resolver   dnspython's Resolver.resolve over spfmilter's TolerantNameserver:
              spfmilter's lookup before the DnsClient (a socket per query)
@@ -29,6 +31,7 @@ import argparse
 import itertools
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +45,7 @@ import dns.query  # noqa: E402
 import dns.rdatatype  # noqa: E402
 import dns.resolver  # noqa: E402
 from bench_app_dns import Nsd  # noqa: E402
-from benchlib import machine_line  # noqa: E402
+from benchlib import int_list, machine_line  # noqa: E402
 
 from spfmilter.dnsclient import EDNS_PAYLOAD, DnsClient  # noqa: E402
 from spfmilter.dnscompat import make_resolver  # noqa: E402
@@ -51,7 +54,8 @@ from spfmilter.spfcheck import SpfChecker, _Session  # noqa: E402
 
 PATHS = ("resolver", "client", "lookup", "bare")
 KINDS = {"txt": "{label}.pass.bench.test", "nxdomain": "{label}.nx.spf.test"}
-TABLE_HEAD = f"{'path':<10} {'kind':<9} {'queries':>7} {'us/query':>9} {'min':>7} {'max':>7}"
+TABLE_HEAD = (f"{'path':<10} {'kind':<9} {'threads':>7} {'queries':>7} {'us/query':>9} "
+              f"{'min':>7} {'max':>7}")
 
 
 def make_paths(host: str, port: int) -> dict[str, Callable[[str], object]]:
@@ -82,18 +86,28 @@ def make_paths(host: str, port: int) -> dict[str, Callable[[str], object]]:
     return {"resolver": by_resolver, "client": by_client, "lookup": by_lookup, "bare": bare}
 
 
-def cpu_per_query(ask: Callable[[str], object], names: list[str]) -> float:
-    """Microseconds of this process's CPU per call of *ask*."""
+def cpu_per_query(ask: Callable[[str], object], names: list[str], threads: int = 1) -> float:
+    """Microseconds of this process's CPU per call of *ask*, *names* shared by *threads*."""
     started = time.process_time()
-    for name in names:
-        ask(name)
+    if threads == 1:
+        for name in names:
+            ask(name)
+    else:
+        workers = [threading.Thread(target=lambda part=names[n::threads]: [ask(x) for x in part])
+                   for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
     return (time.process_time() - started) / len(names) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--queries", type=int, default=2000, help="queries per path and round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int_list, default=[1, 8],
+                        help="comma-separated numbers of threads asking at once (default 1,8)")
     parser.add_argument("--kind", choices=sorted(KINDS), action="append",
                         help="question kind (repeatable; default txt and nxdomain)")
     args = parser.parse_args(argv)
@@ -104,22 +118,29 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_paths(nsd.host, nsd.port)
         for ask in paths.values():  # warm up imports and first sockets
             ask(KINDS["txt"].format(label="warmup"))
-        results: dict[tuple[str, str], list[float]] = {}
+        results: dict[tuple[str, str, int], list[float]] = {}
         for _round in range(args.rounds):
-            for kind in kinds:
-                for path in PATHS:
-                    names = [KINDS[kind].format(label=next(labels)) for _ in range(args.queries)]
-                    results.setdefault((path, kind), []).append(cpu_per_query(paths[path], names))
+            for threads in args.threads:
+                for kind in kinds:
+                    for path in PATHS:
+                        names = [KINDS[kind].format(label=next(labels))
+                                 for _ in range(args.queries)]
+                        results.setdefault((path, kind, threads), []).append(
+                            cpu_per_query(paths[path], names, threads))
     print(TABLE_HEAD)
-    for kind in kinds:
-        for path in PATHS:
-            values = results[(path, kind)]
-            print(f"{path:<10} {kind:<9} {args.queries:>7} {statistics.median(values):>9.0f} "
-                  f"{min(values):>7.0f} {max(values):>7.0f}")
-    for kind in kinds:
-        before = statistics.median(results[("resolver", kind)])
-        now = statistics.median(results[("client", kind)])
-        print(f"client / resolver ({kind}): {now / before:.2f}x the CPU per query")
+    for threads in args.threads:
+        for kind in kinds:
+            for path in PATHS:
+                values = results[(path, kind, threads)]
+                print(f"{path:<10} {kind:<9} {threads:>7} {args.queries:>7} "
+                      f"{statistics.median(values):>9.0f} {min(values):>7.0f} "
+                      f"{max(values):>7.0f}")
+    for threads in args.threads:
+        for kind in kinds:
+            before = statistics.median(results[("resolver", kind, threads)])
+            now = statistics.median(results[("client", kind, threads)])
+            print(f"client / resolver ({kind}, {threads} threads): {now / before:.2f}x "
+                  f"the CPU per query")
     return 0
 
 

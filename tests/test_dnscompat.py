@@ -84,7 +84,7 @@ def test_a_cname_loop_is_told_apart_from_a_server_failure(dns_server) -> None:
     assert dnscompat.RECORDS_ANSWER_ERRORS is (dns.version.MINOR >= 2 or dns.version.MAJOR > 2)
 
 
-def test_system_servers_are_resolv_confs(tmp_path) -> None:
+def test_system_servers_are_resolv_confs() -> None:
     servers, timeout, rotate = dnscompat.system_servers()
     resolver = dns.resolver.Resolver()
     assert [host for host, _port in servers] == [getattr(ns, "address", ns)
