@@ -92,13 +92,15 @@ class Reply(NamedTuple):
 
     ``rrset`` holds the records at the end of the CNAME chain, None for
     NXDOMAIN or NODATA; ``ttl`` is how long the whole chain may be cached
-    (for NXDOMAIN/NODATA the caller works it out from ``response``).
+    (for NXDOMAIN/NODATA the caller works it out from ``response`` and
+    ``chain``, dnspython's resolve_chaining() of it).
     """
 
     rrset: dns.rrset.RRset | None
     nxdomain: bool
     ttl: int
     response: dns.message.Message
+    chain: dns.message.ChainingResult
 
 
 class _Socket:
@@ -117,7 +119,9 @@ class _Socket:
         self.sock.close()
 
     def __del__(self) -> None:  # a thread that ends drops its sockets
-        self.sock.close()
+        sock = getattr(self, "sock", None)  # None: socket() itself failed
+        if sock is not None:
+            sock.close()
 
 
 class _Bad(Exception):
@@ -183,7 +187,7 @@ def _reply(wire: bytes, qid: int, qname: dns.name.Name, rdtype: int) -> Reply | 
             return None
         chain = response.resolve_chaining()
         if chain.answer is not None:
-            return Reply(chain.answer, False, chain.minimum_ttl, response)
+            return Reply(chain.answer, False, chain.minimum_ttl, response, chain)
     response = parse_wire(wire)  # a negative answer or an error: all sections
     if not _answers(response, qid, qname, rdtype):
         return None
@@ -196,7 +200,8 @@ def _reply(wire: bytes, qid: int, qname: dns.name.Name, rdtype: int) -> Reply | 
         raise
     except dns.exception.DNSException as exc:  # e.g. an answer beside NXDOMAIN
         raise _Bad(f"answer cannot be followed: {exc!r}") from None
-    return Reply(chain.answer, rcode == dns.rcode.NXDOMAIN, chain.minimum_ttl, response)
+    return Reply(chain.answer, rcode == dns.rcode.NXDOMAIN, chain.minimum_ttl, response,
+                 chain)
 
 
 class DnsClient:
@@ -219,8 +224,8 @@ class DnsClient:
         """The answer to (*qname*, *rdtype*, IN) by *deadline* (time.monotonic()).
 
         Raises dns.exception.Timeout when the deadline passes, ServerFailure
-        when every server failed, dns.exception.DNSException (YXDOMAIN) for
-        an answer that is no answer.
+        when no server is left that could answer (each failed, refused, or
+        gave an answer that cannot be used, YXDOMAIN included).
         """
         servers = list(self.servers)
         if self.rotate and len(servers) > 1:

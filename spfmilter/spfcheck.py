@@ -256,14 +256,17 @@ def split_sender(sender: str) -> tuple[str, str] | None:
     return (local or "postmaster", domain)
 
 
-def _negative_ttl(response: dns.message.Message) -> float:
+def _negative_ttl(response: dns.message.Message,
+                  chain: dns.message.ChainingResult | None = None) -> float:
     """How long an NXDOMAIN/NODATA *response* may be cached (RFC 2308 5).
 
     The TTL of the SOA in the authority section or its minimum field,
     whichever is less (and no longer than a CNAME on the way); an answer
-    without an SOA is not cached at all.
+    without an SOA is not cached at all.  *chain*: the response's
+    resolve_chaining(), if the caller has it already.
     """
-    chain = response.resolve_chaining()
+    if chain is None:
+        chain = response.resolve_chaining()
     if not any(rrset.rdtype == dns.rdatatype.SOA and chain.canonical_name.is_subdomain(rrset.name)
                for rrset in response.authority):
         return DEFAULT_NEGATIVE_TTL
@@ -510,7 +513,7 @@ class SpfChecker:
             raise spf.TempError(f"DNS error for {name} {qtype}: {exc}") from None
         if reply.nxdomain:
             result = _Answer((), True, void=True)
-            ttl = _negative_ttl(reply.response)
+            ttl = _negative_ttl(reply.response, reply.chain)
             self.cache.put((name, qtype), result, ttl, negative=True)
             return result, self.cache.expiry(ttl, negative=True)
         records = () if reply.rrset is None else _records(name, qtype, reply.rrset)
@@ -518,6 +521,6 @@ class SpfChecker:
         if records:
             ttl = reply.ttl
         else:  # NODATA
-            ttl = _negative_ttl(reply.response)
+            ttl = _negative_ttl(reply.response, reply.chain)
         self.cache.put((name, qtype), result, ttl, negative=not records)
         return result, self.cache.expiry(ttl, negative=not records)

@@ -113,7 +113,7 @@ def test_reply_agrees_with_dnspythons_whole_parse(qid: int, rcode: int, chain: l
     if expected.answer is not None:
         assert reply.ttl == expected.minimum_ttl
     else:  # a negative answer keeps everything the negative TTL needs
-        assert _negative_ttl(reply.response) == _negative_ttl(whole)
+        assert _negative_ttl(reply.response, reply.chain) == _negative_ttl(whole)
     assert _reply(wire, qid ^ 1, qname, TXT) is None  # another ID: not ours
     assert _reply(wire, qid, dns.name.from_text("y.example.test."), TXT) is None
 
