@@ -58,6 +58,19 @@ def make_resolver(nameservers: Sequence[tuple[str, int]] = (),
     return resolver
 
 
+def system_servers() -> tuple[list[tuple[str, int]], float, bool]:
+    """/etc/resolv.conf's name servers as (address, port) pairs, its timeout and rotate."""
+    resolver = dns.resolver.Resolver()
+    ports = getattr(resolver, "nameserver_ports", {})
+    servers = []
+    for ns in resolver.nameservers:
+        if isinstance(ns, str):
+            servers.append((ns, ports.get(ns, resolver.port)))
+        else:  # a dns.nameserver object (dnspython >= 2.4)
+            servers.append((ns.address, ns.port))
+    return servers, float(resolver.timeout), bool(resolver.rotate)
+
+
 def chain_too_long(exc: dns.resolver.NoNameservers) -> bool:
     """True when the servers answered, but with a CNAME chain too long to follow (a loop).
 

@@ -22,21 +22,19 @@ import dns.exception
 import dns.message
 import dns.name
 import dns.rdatatype
-import dns.resolver
+import dns.rrset
 import spf
 
 from . import names
 from .dnscache import DnsCache
-from .dnscompat import chain_too_long, make_resolver
-from .nameserver import TolerantNameserver
+from .dnsclient import ATTEMPT_TIMEOUT, DnsClient, ServerFailure
+from .dnscompat import system_servers
 from .results import SpfResult
 
 log = logging.getLogger(__name__)
 
 #: Negative TTL of an NXDOMAIN/NODATA answer without an SOA: not cached (RFC 2308 5).
 DEFAULT_NEGATIVE_TTL = 0
-#: UDP payload size we advertise with EDNS (the DNS flag day 2020 value).
-EDNS_PAYLOAD = 1232
 
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
 _PREFIXES = ("SPF Permanent Error: ", "SPF Temporary Error: ")
@@ -258,36 +256,21 @@ def split_sender(sender: str) -> tuple[str, str] | None:
     return (local or "postmaster", domain)
 
 
-def _negative_ttl(response: dns.message.Message) -> float:
+def _negative_ttl(response: dns.message.Message,
+                  chain: dns.message.ChainingResult | None = None) -> float:
     """How long an NXDOMAIN/NODATA *response* may be cached (RFC 2308 5).
 
     The TTL of the SOA in the authority section or its minimum field,
     whichever is less (and no longer than a CNAME on the way); an answer
-    without an SOA is not cached at all.
+    without an SOA is not cached at all.  *chain*: the response's
+    resolve_chaining(), if the caller has it already.
     """
-    chain = response.resolve_chaining()
+    if chain is None:
+        chain = response.resolve_chaining()
     if not any(rrset.rdtype == dns.rdatatype.SOA and chain.canonical_name.is_subdomain(rrset.name)
                for rrset in response.authority):
         return DEFAULT_NEGATIVE_TTL
     return chain.minimum_ttl  # dnspython: min(CNAME TTLs, SOA TTL, SOA minimum)
-
-
-def _nxdomain_ttl(exc: dns.resolver.NXDOMAIN) -> float:
-    for response in exc.responses().values():
-        try:
-            return _negative_ttl(response)
-        except dns.exception.DNSException:  # a response we cannot chain: not cached
-            pass
-    return DEFAULT_NEGATIVE_TTL
-
-
-def _cname_loop(exc: dns.resolver.NoNameservers) -> bool:
-    """True when the servers answered, but with a CNAME loop or an over-long chain.
-
-    RFC 1034 3.6.2 calls that an error; it is a lasting one, not a reason to
-    try again later (RFC 7208 5.5: a ptr name whose lookup fails is skipped).
-    """
-    return chain_too_long(exc)
 
 
 def _exchange(name: dns.name.Name) -> str:
@@ -295,7 +278,7 @@ def _exchange(name: dns.name.Name) -> str:
     return "" if name == dns.name.root else name.to_text(omit_final_dot=True)
 
 
-def _records(name: str, qtype: str, answer: dns.resolver.Answer) -> tuple:
+def _records(name: str, qtype: str, answer: dns.rrset.RRset) -> tuple:
     """Turn a dnspython answer into pyspf's ((name, type), value) pairs."""
     key = (name, qtype)
     out: list[tuple[tuple[str, str], Any]] = []
@@ -338,8 +321,12 @@ class SpfChecker:
         self.cache: DnsCache[_Answer] = DnsCache(cache_size)
         # Whole check_host() outcomes, living as long as the shortest TTL they used.
         self.results: DnsCache[tuple[str, str, str]] = DnsCache(cache_size)
-        self._resolver = make_resolver(nameservers, TolerantNameserver)
-        self._resolver.use_edns(0, 0, EDNS_PAYLOAD)
+        if nameservers:
+            self._client = DnsClient(nameservers)
+        else:
+            servers, attempt, rotate = system_servers()
+            self._client = DnsClient(servers, attempt_timeout=attempt or ATTEMPT_TIMEOUT,
+                                     rotate=rotate)
         _install_dispatcher()
 
     @property
@@ -515,26 +502,25 @@ class SpfChecker:
         if remaining <= 0:
             raise spf.TempError(f"DNS time limit of {self.lookup_timeout:g}s exceeded")
         try:
-            answer = self._resolver.resolve(qname, qtype, lifetime=remaining, search=False,
-                                            raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as exc:
-            result = _Answer((), True, void=True)
-            ttl = _nxdomain_ttl(exc)
-            self.cache.put((name, qtype), result, ttl, negative=True)
-            return result, self.cache.expiry(ttl, negative=True)
+            reply = self._client.query(qname, dns.rdatatype.from_text(qtype), session.deadline)
         except dns.exception.Timeout:
             raise spf.TempError(f"DNS timeout for {name} {qtype}") from None
-        except dns.resolver.NoNameservers as exc:
-            if _cname_loop(exc):  # no data, as pyspf treats a loop; not a void lookup
+        except ServerFailure as exc:
+            if exc.chain_too_long:  # no data, as pyspf treats a loop; not a void lookup
                 return _Answer((), False), self.cache.expiry(0)
             raise spf.TempError(f"DNS server failure for {name} {qtype}") from None
         except dns.exception.DNSException as exc:
             raise spf.TempError(f"DNS error for {name} {qtype}: {exc}") from None
-        records = _records(name, qtype, answer)
+        if reply.nxdomain:
+            result = _Answer((), True, void=True)
+            ttl = _negative_ttl(reply.response, reply.chain)
+            self.cache.put((name, qtype), result, ttl, negative=True)
+            return result, self.cache.expiry(ttl, negative=True)
+        records = () if reply.rrset is None else _records(name, qtype, reply.rrset)
         result = _Answer(records, False, void=not records)
         if records:
-            ttl = answer.chaining_result.minimum_ttl
+            ttl = reply.ttl
         else:  # NODATA
-            ttl = _negative_ttl(answer.response)
+            ttl = _negative_ttl(reply.response, reply.chain)
         self.cache.put((name, qtype), result, ttl, negative=not records)
         return result, self.cache.expiry(ttl, negative=not records)

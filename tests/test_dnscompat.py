@@ -82,3 +82,12 @@ def test_a_cname_loop_is_told_apart_from_a_server_failure(dns_server) -> None:
     assert servfail.kwargs["errors"]  # every release says why
     assert not dnscompat.chain_too_long(servfail)
     assert dnscompat.RECORDS_ANSWER_ERRORS is (dns.version.MINOR >= 2 or dns.version.MAJOR > 2)
+
+
+def test_system_servers_are_resolv_confs() -> None:
+    servers, timeout, rotate = dnscompat.system_servers()
+    resolver = dns.resolver.Resolver()
+    assert [host for host, _port in servers] == [getattr(ns, "address", ns)
+                                                 for ns in resolver.nameservers]
+    assert all(isinstance(port, int) and 0 < port < 65536 for _host, port in servers)
+    assert (timeout, rotate) == (resolver.timeout, resolver.rotate)

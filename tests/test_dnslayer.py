@@ -140,11 +140,15 @@ def test_record_without_strings_is_dropped_the_rest_kept(dns_server: DnsServer) 
         sock.settimeout(2)
         sock.sendto(query.to_wire(), (dns_server.host, dns_server.port))
         wire = sock.recv(65535)
-    with pytest.raises(dns.exception.FormError):
+    good = (b"v=spf1 ip4:", b"127.0.0.0/8 ip6:::1 -all")
+    try:
         dns.message.from_wire(wire)  # what dnspython alone does
+    except dns.exception.FormError:  # recent releases: the whole answer refused
+        kept = [good]
+    else:  # dnspython 2.1 to 2.3 keep the record without strings: nothing to drop
+        kept = [(), good]
     response = parse(query, wire)
-    assert [rd.strings for rd in response.answer[0]] == [(b"v=spf1 ip4:",
-                                                          b"127.0.0.0/8 ip6:::1 -all")]
+    assert sorted(rd.strings for rd in response.answer[0]) == kept
     broken = wire[:-1]  # the last record's data cut short: the whole answer fails
     with pytest.raises(dns.exception.FormError):
         parse(query, broken)

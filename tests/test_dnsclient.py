@@ -1,0 +1,271 @@
+"""spfmilter.dnsclient: the query octets, the answer-only parse, and the transport.
+
+The query and the shortened parse are checked against dnspython doing the
+whole job (property tests); the transport against the test NSD, directly and
+through a small UDP responder here that relays to it and can misbehave on
+purpose (stay silent, say SERVFAIL, send datagrams that are not the answer
+first), and records where each query came from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spfmilter import dnsclient
+from spfmilter.dnsclient import SOCKET_USES, DnsClient, ServerFailure, _Bad, _render_query, _reply
+from spfmilter.spfcheck import _negative_ttl
+from tests.dnsserver import DnsServer
+
+EXAMPLES = int(os.environ.get("SPFMILTER_HYPOTHESIS_EXAMPLES", "200"))
+TXT = dns.rdatatype.TXT
+LABEL = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=63)
+NAME = st.lists(LABEL, min_size=1, max_size=4).map(lambda labels: dns.name.from_text(
+    ".".join(labels) + "."))
+RDTYPE = st.sampled_from([dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.MX, TXT,
+                          dns.rdatatype.PTR, dns.rdatatype.SPF, dns.rdatatype.SOA])
+
+
+# -- the query: dnspython's octets -----------------------------------------------
+
+@settings(max_examples=EXAMPLES, derandomize=True, deadline=None)
+@given(qid=st.integers(0, 0xFFFF), qname=NAME, rdtype=RDTYPE)
+def test_query_octets_are_the_renderers(qid: int, qname: dns.name.Name, rdtype: int) -> None:
+    wire = dnsclient._query_wire(qid, qname, rdtype)
+    assert wire == _render_query(qid, qname, rdtype)
+    query = dns.message.from_wire(wire)
+    assert (query.id, query.flags, query.edns, query.payload) == (
+        qid, dns.flags.RD, 0, dnsclient.EDNS_PAYLOAD)
+    assert [(q.name, q.rdtype) for q in query.question] == [(qname, rdtype)]
+
+
+# -- the answer: the shortened parse says what the whole one says ---------------
+
+def _response(qid: int, rcode: int, chain: list[int], final: bool, soa: int | None,
+              extras: bool) -> tuple[bytes, dns.name.Name]:
+    """A response to x.example.test TXT: CNAMEs with TTLs *chain*, maybe the TXT
+    records at its end, maybe an SOA (its TTL and minimum *soa*), maybe NS and A
+    records in the authority and additional sections."""
+    qname = dns.name.from_text("x.example.test.")
+    query = dns.message.make_query(qname, TXT, use_edns=0)
+    query.id = qid
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    names = [qname] + [dns.name.from_text(f"c{i}.example.test.") for i in range(len(chain))]
+    for owner, target, ttl in zip(names, names[1:], chain):
+        response.answer.append(dns.rrset.from_text(owner, ttl, "IN", "CNAME",
+                                                   target.to_text()))
+    if final:
+        response.answer.append(dns.rrset.from_text(names[-1], 300, "IN", "TXT", '"v=spf1 -all"'))
+    if soa is not None:
+        response.authority.append(dns.rrset.from_text(
+            "example.test.", soa, "IN", "SOA", f"ns.example.test. h.example.test. 1 2 3 4 {soa}"))
+    if extras:
+        response.authority.append(dns.rrset.from_text("example.test.", 60, "IN", "NS",
+                                                      "ns.example.test."))
+        response.additional.append(dns.rrset.from_text("ns.example.test.", 60, "IN", "A",
+                                                       "192.0.2.53"))
+    return response.to_wire(), qname
+
+
+@settings(max_examples=EXAMPLES, derandomize=True, deadline=None)
+@given(qid=st.integers(0, 0xFFFF),
+       rcode=st.sampled_from([dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL]),
+       chain=st.lists(st.integers(0, 2**31 - 1), max_size=18), final=st.booleans(),
+       soa=st.one_of(st.none(), st.integers(0, 2**31 - 1)), extras=st.booleans())
+def test_reply_agrees_with_dnspythons_whole_parse(qid: int, rcode: int, chain: list[int],
+                                                  final: bool, soa: int | None,
+                                                  extras: bool) -> None:
+    wire, qname = _response(qid, rcode, chain, final, soa, extras)
+    whole = dns.message.from_wire(wire)
+    if rcode == dns.rcode.SERVFAIL:  # the rcode first, as dnspython's Resolver
+        with pytest.raises(_Bad, match="SERVFAIL"):
+            _reply(wire, qid, qname, TXT)
+        return
+    try:
+        expected = whole.resolve_chaining()
+    except dns.message.ChainTooLong:
+        with pytest.raises(dns.message.ChainTooLong):
+            _reply(wire, qid, qname, TXT)
+        return
+    except dns.message.AnswerForNXDOMAIN:
+        with pytest.raises(_Bad):
+            _reply(wire, qid, qname, TXT)
+        return
+    reply = _reply(wire, qid, qname, TXT)
+    assert reply is not None
+    assert reply.nxdomain == (rcode == dns.rcode.NXDOMAIN)
+    assert reply.rrset == expected.answer
+    if expected.answer is not None:
+        assert reply.ttl == expected.minimum_ttl
+    else:  # a negative answer keeps everything the negative TTL needs
+        assert _negative_ttl(reply.response, reply.chain) == _negative_ttl(whole)
+    assert _reply(wire, qid ^ 1, qname, TXT) is None  # another ID: not ours
+    assert _reply(wire, qid, dns.name.from_text("y.example.test."), TXT) is None
+
+
+# -- the transport ----------------------------------------------------------------
+
+class Responder:
+    """A UDP server on 127.0.0.1 relaying to *upstream*; ``mode`` says how it misbehaves.
+
+    pass: relays.  silent: never answers.  servfail: answers SERVFAIL.
+    foreign: before the answer, sends it with another ID and an answer to
+    another question.  ``sources`` lists the client address of every query.
+    """
+
+    def __init__(self, upstream: tuple[str, int], mode: str = "pass") -> None:
+        self.upstream = upstream
+        self.mode = mode
+        self.sources: list[tuple[str, int]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.address = self.sock.getsockname()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def _ask_upstream(self, wire: bytes) -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+            up.settimeout(2)
+            up.sendto(wire, self.upstream)
+            return up.recv(65535)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wire, client = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            self.sources.append(client)
+            if self.mode == "silent":
+                continue
+            query = dns.message.from_wire(wire)
+            if self.mode == "servfail":
+                response = dns.message.make_response(query)
+                response.set_rcode(dns.rcode.SERVFAIL)
+                self.sock.sendto(response.to_wire(), client)
+                continue
+            answer = self._ask_upstream(wire)
+            if self.mode == "foreign":
+                other = dns.message.from_wire(answer)
+                other.id ^= 0x5555
+                self.sock.sendto(other.to_wire(), client)  # another ID
+                other = dns.message.from_wire(answer)
+                other.question[0].name = dns.name.from_text("other.spf.test.")
+                self.sock.sendto(other.to_wire(), client)  # another question
+                self.sock.sendto(b"\x00", client)  # not DNS at all
+            self.sock.sendto(answer, client)
+
+
+@pytest.fixture
+def responders(dns_server: DnsServer) -> Iterator[list[Responder]]:
+    made: list[Responder] = []
+
+    def make(mode: str = "pass") -> Responder:
+        made.append(Responder((dns_server.host, dns_server.port), mode))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for responder in made:
+        responder.close()
+
+
+def _spf_text(reply: dnsclient.Reply) -> bytes:
+    assert reply.rrset is not None
+    return b"".join(reply.rrset[0].strings)
+
+
+def _ask(client: DnsClient, name: str = "pass.spf.test", seconds: float = 5.0
+         ) -> dnsclient.Reply:
+    return client.query(dns.name.from_text(name), TXT, time.monotonic() + seconds)
+
+
+def test_answers_from_the_server(dns_server: DnsServer) -> None:
+    client = DnsClient(dns_server.addresses)
+    assert _spf_text(_ask(client)).startswith(b"v=spf1")
+    nx = _ask(client, "nxdomain.spf.test")
+    assert (nx.rrset, nx.nxdomain) == (None, True)
+    assert _negative_ttl(nx.response) == 60
+    long = _ask(client, "long.spf.test")  # over 1232 octets: truncated, then TCP
+    assert len(_spf_text(long)) > 1232
+
+
+def test_datagrams_that_are_not_the_answer_are_ignored(responders) -> None:
+    foreign = responders("foreign")
+    client = DnsClient([foreign.address])
+    assert _spf_text(_ask(client)).startswith(b"v=spf1")
+    _ask(client)
+    # the socket that saw them is not used again: a new source port
+    assert foreign.sources[0][1] != foreign.sources[1][1]
+
+
+def test_one_socket_serves_a_thread_for_a_while(responders) -> None:
+    relay = responders("pass")
+    client = DnsClient([relay.address])
+    for _ in range(SOCKET_USES + 1):
+        _ask(client)
+    ports = [port for _host, port in relay.sources]
+    assert len(set(ports[:SOCKET_USES])) == 1
+    assert ports[SOCKET_USES] != ports[0]  # then a new one
+
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: (_ask(client), seen.append(relay.sources[-1][1])))
+    thread.start()
+    thread.join(10)
+    assert seen and seen[0] != ports[SOCKET_USES]  # another thread, another socket
+
+
+@pytest.mark.parametrize("mode", ["silent", "servfail"])
+def test_a_failing_server_is_passed_over(responders, dns_server: DnsServer, mode: str) -> None:
+    bad = responders(mode)
+    client = DnsClient([bad.address, (dns_server.host, dns_server.port)], attempt_timeout=0.3)
+    assert _spf_text(_ask(client)).startswith(b"v=spf1")
+    assert len(bad.sources) == 1
+
+
+def test_servers_that_never_answer_are_asked_again_until_the_deadline(responders) -> None:
+    first, second = responders("silent"), responders("silent")
+    client = DnsClient([first.address, second.address], attempt_timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(dns.exception.Timeout):
+        _ask(client, seconds=1.2)
+    assert time.monotonic() - started < 1.2 + 0.5  # the deadline, not a try more
+    assert len(first.sources) >= 2 and len(second.sources) >= 2  # around again, after backoff
+
+
+def test_every_server_failing_is_a_server_failure(responders) -> None:
+    first, second = responders("servfail"), responders("servfail")
+    client = DnsClient([first.address, second.address])
+    with pytest.raises(ServerFailure) as info:
+        _ask(client)
+    assert not info.value.chain_too_long
+    assert [server for server, _exc in info.value.errors] == [first.address, second.address]
+    assert (len(first.sources), len(second.sources)) == (1, 1)  # each asked once
+
+
+def test_a_cname_loop_is_told_apart(dns_server: DnsServer) -> None:
+    with pytest.raises(ServerFailure) as info:
+        DnsClient(dns_server.addresses).query(dns.name.from_text("loop1.compat.test"),
+                                              dns.rdatatype.A, time.monotonic() + 5)
+    assert info.value.chain_too_long
