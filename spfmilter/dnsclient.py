@@ -54,10 +54,12 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.renderer
 import dns.rrset
+import dns.wire
 
 from .nameserver import parse_wire, read_exact
 
@@ -93,14 +95,15 @@ class Reply(NamedTuple):
     ``rrset`` holds the records at the end of the CNAME chain, None for
     NXDOMAIN or NODATA; ``ttl`` is how long the whole chain may be cached
     (for NXDOMAIN/NODATA the caller works it out from ``response`` and
-    ``chain``, dnspython's resolve_chaining() of it).
+    ``chain``, dnspython's resolve_chaining() of it).  A direct answer
+    (:func:`_direct_answer`) has neither: they are None when ``rrset`` is not.
     """
 
     rrset: dns.rrset.RRset | None
     nxdomain: bool
     ttl: int
-    response: dns.message.Message
-    chain: dns.message.ChainingResult
+    response: dns.message.Message | None
+    chain: dns.message.ChainingResult | None
 
 
 class _Socket:
@@ -170,6 +173,50 @@ def _answers(response: dns.message.Message, qid: int, qname: dns.name.Name,
             and question.rdclass == dns.rdataclass.IN)
 
 
+_ANSWER_FLAGS = dns.flags.QR | 0x7800 | dns.flags.TC | 0xF  # QR, opcode, TC, rcode
+_RR = struct.Struct("!HHIH")  # TYPE, CLASS, TTL, RDLENGTH
+_POINTER_TO_QUESTION = b"\xc0\x0c"  # a compression pointer to the question's name
+
+
+def _direct_answer(wire: bytes, qname: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+    """The records in *wire* when it is the plainest answer to our query, else None.
+
+    Plainest: QR, a standard query, not truncated, NOERROR; one question,
+    (*qname*, *rdtype*, IN); every answer record at the question's name (a
+    compression pointer to it), of *rdtype* and class IN -- no CNAME.  That is
+    most answers, and for them dnspython's message parse (names, sections,
+    rrset lookups, resolve_chaining) is half the CPU of a lookup; here only
+    the records' data are parsed, by dnspython (dns.rdata.from_wire_parser),
+    and put in an RRset as its message parse would.  Anything else, or any
+    record dnspython refuses, gives None: the caller parses the whole
+    message as before (tests/test_dnsclient.py compares the two).
+    """
+    _id, flags, qdcount, ancount, _ns, _ar = _HEADER.unpack_from(wire)
+    if flags & _ANSWER_FLAGS != dns.flags.QR or qdcount != 1 \
+            or rdtype == dns.rdatatype.RRSIG:  # an RRSIG set is keyed on what it covers
+        return None
+    question = qname.to_wire() + _CLASS_IN.pack(rdtype, dns.rdataclass.IN)
+    end = _HEADER.size + len(question)
+    # names compare without regard to ASCII case, as dnspython's; length octets are < 64
+    if wire[_HEADER.size:end].lower() != question.lower():
+        return None
+    parser = dns.wire.Parser(wire, end)
+    rrset = dns.rrset.RRset(qname, dns.rdataclass.IN, rdtype)
+    try:
+        for _ in range(ancount):
+            if parser.get_bytes(2) != _POINTER_TO_QUESTION:
+                return None
+            rr_type, rr_class, ttl, rdlen = parser.get_struct(_RR.format)
+            if rr_type != rdtype or rr_class != dns.rdataclass.IN:
+                return None
+            with parser.restrict_to(rdlen):
+                rdata = dns.rdata.from_wire_parser(rr_class, rr_type, parser)
+            rrset.add(rdata, 0 if ttl > 0x7FFFFFFF else ttl)  # as dnspython's parse
+    except (dns.exception.DNSException, ValueError, TypeError, struct.error):
+        return None  # the whole parse says what is wrong, or keeps the good records
+    return rrset
+
+
 def _reply(wire: bytes, qid: int, qname: dns.name.Name, rdtype: int) -> Reply | None:
     """The Reply in *wire*, None when it is not the answer to our query.
 
@@ -182,6 +229,9 @@ def _reply(wire: bytes, qid: int, qname: dns.name.Name, rdtype: int) -> Reply | 
     if rid != qid:
         return None  # not for this query: not even worth parsing
     if flags & 0xF == dns.rcode.NOERROR and ancount:  # the common case: records
+        rrset = _direct_answer(wire, qname, rdtype)
+        if rrset is not None:
+            return Reply(rrset, False, rrset.ttl, None, None)
         response = parse_wire(wire, answer_only=True)
         if not _answers(response, qid, qname, rdtype):
             return None
@@ -323,6 +373,6 @@ class DnsClient:
         reply = _reply(data, qid, qname, rdtype)
         if reply is None:
             raise _Bad("TCP answer is not for our query")
-        if reply.response.flags & dns.flags.TC:
+        if _HEADER.unpack_from(data)[1] & dns.flags.TC:
             raise _Bad("truncated answer over TCP")
         return reply

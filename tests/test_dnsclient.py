@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 
 from spfmilter import dnsclient
 from spfmilter.dnsclient import SOCKET_USES, DnsClient, ServerFailure, _Bad, _render_query, _reply
+from spfmilter.nameserver import parse_wire
 from spfmilter.spfcheck import _negative_ttl
 from tests.dnsserver import DnsServer
 
@@ -116,6 +118,61 @@ def test_reply_agrees_with_dnspythons_whole_parse(qid: int, rcode: int, chain: l
         assert _negative_ttl(reply.response, reply.chain) == _negative_ttl(whole)
     assert _reply(wire, qid ^ 1, qname, TXT) is None  # another ID: not ours
     assert _reply(wire, qid, dns.name.from_text("y.example.test."), TXT) is None
+
+
+#: Answer records for the direct-answer property test: (owner, type, TTL, data).
+_RECORD = st.tuples(
+    st.sampled_from(["x.example.test.", "X.Example.TEST.", "y.example.test."]),
+    st.sampled_from(["TXT", "A"]),
+    st.sampled_from([0, 60, 300, 2**31 - 1, 2**31, 2**32 - 1]),
+    st.sampled_from(['"v=spf1 -all"', '"v=spf1 " "a" "-all"', '""', "192.0.2.1", "192.0.2.2"]))
+
+
+def _direct_response(qid: int, question: str, records: list[tuple[str, str, int, str]],
+                     empty_txt: bool) -> bytes:
+    """A NOERROR response to *question* TXT with *records* (one rrset per record,
+    so repeats and mixed TTLs stay on the wire), maybe a TXT without strings
+    last (no EDNS: the answer section ends the message)."""
+    query = dns.message.make_query(question, TXT, use_edns=False)
+    query.id = qid
+    response = dns.message.make_response(query)
+    for owner, rdtype, ttl, data in records:
+        if (rdtype == "A") == data[0].isdigit():
+            response.answer.append(dns.rrset.from_text(owner, ttl, "IN", rdtype, data))
+    wire = response.to_wire()
+    if empty_txt:  # dnspython will not render one: a record with RDLENGTH 0, by hand
+        rr = b"\xc0\x0c" + struct.pack("!HHIH", TXT, 1, 60, 0)
+        count = struct.unpack_from("!H", wire, 6)[0] + 1
+        wire = wire[:6] + struct.pack("!H", count) + wire[8:] + rr
+    return wire
+
+
+@settings(max_examples=EXAMPLES, derandomize=True, deadline=None)
+@given(qid=st.integers(0, 0xFFFF), question=st.sampled_from(["x.example.test.",
+                                                            "X.EXAMPLE.test."]),
+       records=st.lists(_RECORD, min_size=1, max_size=5), empty_txt=st.booleans())
+def test_direct_answers_agree_with_dnspythons_whole_parse(qid: int, question: str,
+                                                          records: list, empty_txt: bool
+                                                          ) -> None:
+    """The shortcut for plain answers (dnsclient._direct_answer) gives the records,
+    TTL and verdict of dnspython's whole parse, whatever the case, owners, types,
+    repeats and TTLs of the records; with a record dnspython refuses, the whole
+    parse decides (and drops it, as parse_wire does)."""
+    wire = _direct_response(qid, question, records, empty_txt)
+    qname = dns.name.from_text("x.example.test.")
+    whole = parse_wire(wire)
+    expected = whole.resolve_chaining()
+    reply = _reply(wire, qid, qname, TXT)
+    assert reply is not None
+    assert reply.rrset == expected.answer
+    if expected.answer is not None:
+        assert reply.ttl == expected.minimum_ttl
+        assert reply.rrset.ttl == expected.answer.ttl
+    else:
+        assert _negative_ttl(reply.response, reply.chain) == _negative_ttl(whole)
+    assert _reply(wire, qid ^ 1, qname, TXT) is None
+    assert _reply(wire, qid, dns.name.from_text("x.example.test2."), TXT) is None
+    assert _reply(wire, qid, qname, dns.rdatatype.SPF) is None
 
 
 # -- the transport ----------------------------------------------------------------
