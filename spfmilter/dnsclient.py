@@ -71,6 +71,7 @@ ATTEMPT_TIMEOUT = 2.0
 SOCKET_USES = 32
 MAX_UDP = 65535
 _HEADER = struct.Struct("!HHHHHH")
+_IDS = struct.Struct("!64H")  # query IDs drawn at once per thread
 _ERROR_RCODES_WITHOUT_QUESTION = frozenset(
     {dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP, dns.rcode.REFUSED})
 
@@ -307,9 +308,20 @@ class DnsClient:
 
     # -- one try --------------------------------------------------------------
 
+    def _query_id(self) -> int:
+        """A random query ID from the OS's generator, drawn for many at a time.
+
+        One getrandom() per query (secrets.randbits) let go of the GIL for each,
+        a hand-off between libmilter's threads; each thread keeps its own IDs.
+        """
+        ids: list[int] | None = getattr(self._local, "ids", None)
+        if not ids:
+            ids = self._local.ids = list(_IDS.unpack(secrets.token_bytes(_IDS.size)))
+        return ids.pop()
+
     def _try(self, server: tuple[str, int], qname: dns.name.Name, rdtype: int,
              until: float) -> Reply:
-        qid = secrets.randbits(16)
+        qid = self._query_id()
         wire = _query_wire(qid, qname, rdtype)
         sockets: dict[tuple[str, int], _Socket] = self._local.__dict__.setdefault("udp", {})
         udp = sockets.get(server)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import dns.name
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spfmilter.dnscache import DnsCache
 from spfmilter.results import SpfResult
-from spfmilter.spfcheck import SpfChecker, _Answer, _Session, normalize_domain, split_sender
+from spfmilter.spfcheck import SpfChecker, _Answer, _qname, _Session, normalize_domain, split_sender
 from tests.dnsserver import DnsServer
 
 HELO = "mail.spf.test"
@@ -507,3 +511,21 @@ def test_temperror_is_not_cached(dns_server: DnsServer) -> None:
     dns_server.reset_counts()
     assert checker.check_mailfrom("127.0.0.2", "a@servfail.test", HELO).result == "temperror"
     assert dns_server.total_queries >= 1
+
+
+@settings(max_examples=int(os.environ.get("SPFMILTER_HYPOTHESIS_EXAMPLES", "300")),
+          derandomize=True, deadline=None)
+@given(st.one_of(
+    st.lists(st.text("aZ09_-", min_size=0, max_size=70), min_size=1, max_size=6).map(".".join),
+    st.text("aZ09.-_\\@ é\x00", max_size=40),
+    st.lists(st.text("ab", min_size=60, max_size=63), min_size=3, max_size=5).map(".".join)))
+def test_query_names_are_dnspythons(name: str) -> None:
+    """_qname's shortcut builds the Name dns.name.from_text would, or raises as it does."""
+    try:
+        expected = dns.name.from_text(name)
+    except Exception as exc:  # noqa: BLE001 - the same exception type is the point
+        with pytest.raises(type(exc)):
+            _qname(name)
+        return
+    got = _qname(name)
+    assert got == expected and got.labels == expected.labels
