@@ -177,15 +177,21 @@ _QUERY_HEADER = struct.Struct("!HHHHHH")  # ID, flags, QD, AN, NS, AR counts
 _CLASS_IN = struct.Struct("!HH")
 
 
-def _query_wire(qid: int, qname: dns.name.Name, rdtype: int) -> bytes:
+def _query_wire(qid: int, qname: dns.name.Name, rdtype: int,
+                question: bytes | None = None) -> bytes:
     """The same octets as :func:`_render_query` (a test checks), for a tenth of its CPU.
 
     The renderer builds an OPT rdata and a compression table per query; our
     queries differ only in ID and question, so the name comes from
     dnspython's Name.to_wire and the OPT record from the renderer, once.
     """
-    return b"".join((_QUERY_HEADER.pack(qid, dns.flags.RD, 1, 0, 0, 1), qname.to_wire(),
-                     _CLASS_IN.pack(rdtype, dns.rdataclass.IN), _OPT))
+    return _QUERY_HEADER.pack(qid, dns.flags.RD, 1, 0, 0, 1) + (
+        question or _question(qname, rdtype)) + _OPT
+
+
+def _question(qname: dns.name.Name, rdtype: int) -> bytes:
+    """The question section's octets for (*qname*, *rdtype*, IN), uncompressed."""
+    return qname.to_wire() + _CLASS_IN.pack(rdtype, dns.rdataclass.IN)
 
 
 def _answers(response: dns.message.Message, qid: int, qname: dns.name.Name,
@@ -208,7 +214,8 @@ _RR = struct.Struct("!HHIH")  # TYPE, CLASS, TTL, RDLENGTH
 _POINTER_TO_QUESTION = b"\xc0\x0c"  # a compression pointer to the question's name
 
 
-def _direct_answer(wire: bytes, qname: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
+def _direct_answer(wire: bytes, qname: dns.name.Name, rdtype: int,
+                   question: bytes | None = None) -> dns.rrset.RRset | None:
     """The records in *wire* when it is the plainest answer to our query, else None.
 
     Plainest: QR, a standard query, not truncated, NOERROR; one question,
@@ -220,18 +227,23 @@ def _direct_answer(wire: bytes, qname: dns.name.Name, rdtype: int) -> dns.rrset.
     and put in an RRset as its message parse would.  Anything else, or any
     record dnspython refuses, gives None: the caller parses the whole
     message as before (tests/test_dnsclient.py compares the two).
+    *question*: :func:`_question` of *qname* and *rdtype*, if the caller has it.
     """
     _id, flags, qdcount, ancount, _ns, _ar = _HEADER.unpack_from(wire)
     if flags & _ANSWER_FLAGS != dns.flags.QR or qdcount != 1 \
             or rdtype == dns.rdatatype.RRSIG:  # an RRSIG set is keyed on what it covers
         return None
-    question = qname.to_wire() + _CLASS_IN.pack(rdtype, dns.rdataclass.IN)
+    if question is None:
+        question = _question(qname, rdtype)
     end = _HEADER.size + len(question)
     # names compare without regard to ASCII case, as dnspython's; length octets are < 64
     if wire[_HEADER.size:end].lower() != question.lower():
         return None
     parser = dns.wire.Parser(wire, end)
-    rrset = dns.rrset.RRset(qname, dns.rdataclass.IN, rdtype)
+    rdclass, rdtype = dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype)
+    rrset = dns.rrset.RRset(qname, rdclass, rdtype)
+    # dns.rdata.from_wire_parser without its per-record class lookup and enum checks
+    rdata_class = dns.rdata.get_rdata_class(rdclass, rdtype)
     try:
         for _ in range(ancount):
             if parser.get_bytes(2) != _POINTER_TO_QUESTION:
@@ -240,14 +252,15 @@ def _direct_answer(wire: bytes, qname: dns.name.Name, rdtype: int) -> dns.rrset.
             if rr_type != rdtype or rr_class != dns.rdataclass.IN:
                 return None
             with parser.restrict_to(rdlen):
-                rdata = dns.rdata.from_wire_parser(rr_class, rr_type, parser)
+                rdata = rdata_class.from_wire_parser(rdclass, rdtype, parser, None)
             rrset.add(rdata, 0 if ttl > 0x7FFFFFFF else ttl)  # as dnspython's parse
     except (dns.exception.DNSException, ValueError, TypeError, struct.error):
         return None  # the whole parse says what is wrong, or keeps the good records
     return rrset
 
 
-def _reply(wire: bytes, qid: int, qname: dns.name.Name, rdtype: int) -> Reply | None:
+def _reply(wire: bytes, qid: int, qname: dns.name.Name, rdtype: int,
+           question: bytes | None = None) -> Reply | None:
     """The Reply in *wire*, None when it is not the answer to our query.
 
     Raises _Bad for an error rcode or an answer that cannot be followed,
@@ -259,7 +272,7 @@ def _reply(wire: bytes, qid: int, qname: dns.name.Name, rdtype: int) -> Reply | 
     if rid != qid:
         return None  # not for this query: not even worth parsing
     if flags & 0xF == dns.rcode.NOERROR and ancount:  # the common case: records
-        rrset = _direct_answer(wire, qname, rdtype)
+        rrset = _direct_answer(wire, qname, rdtype, question)
         if rrset is not None:
             return Reply(rrset, False, rrset.ttl, None, None)
         response = parse_wire(wire, answer_only=True)
@@ -351,7 +364,8 @@ class DnsClient:
     def _try(self, server: tuple[str, int], qname: dns.name.Name, rdtype: int,
              until: float) -> Reply:
         qid = self._query_id()
-        wire = _query_wire(qid, qname, rdtype)
+        question = _question(qname, rdtype)
+        wire = _query_wire(qid, qname, rdtype, question)
         sockets: dict[tuple[str, int], _Socket] = self._local.__dict__.setdefault("udp", {})
         udp = sockets.get(server)
         if udp is None:
@@ -359,7 +373,7 @@ class DnsClient:
         udp.uses += 1
         clean = False
         try:
-            reply, clean = self._udp(udp.sock, wire, qid, qname, rdtype, until)
+            reply, clean = self._udp(udp.sock, wire, qid, qname, rdtype, until, question)
         finally:
             if not clean or udp.uses >= SOCKET_USES:
                 del sockets[server]
@@ -370,7 +384,7 @@ class DnsClient:
 
     @staticmethod
     def _udp(sock: socket.socket, wire: bytes, qid: int, qname: dns.name.Name,
-             rdtype: int, until: float) -> tuple[Reply | None, bool]:
+             rdtype: int, until: float, question: bytes) -> tuple[Reply | None, bool]:
         """(the answer over UDP or None when it was truncated, whether the socket
         saw nothing but it); raises on a timeout or an error."""
         sock.send(wire)
@@ -396,7 +410,7 @@ class DnsClient:
                         return None, clean
                     reply = None
                 else:
-                    reply = _reply(data, qid, qname, rdtype)
+                    reply = _reply(data, qid, qname, rdtype, question)
             except dns.exception.FormError:
                 reply = None  # as dnspython's ignore_errors: maybe not from the server
             if reply is not None:
