@@ -199,9 +199,10 @@ class _RecordingQuery(_Query):
         self.explanation_failed = False
 
     def expand(self, s: str, stripdot: bool = True) -> str:
-        for macro in spf.RE_CHAR.finditer(s):
-            if macro.group(0).startswith("%{"):
-                self.letters.add(macro.group(0)[2:3].lower())
+        if "%{" in s:  # most domain-specs have no macro: no second scan of them
+            for macro in spf.RE_CHAR.finditer(s):
+                if macro.group(0).startswith("%{"):
+                    self.letters.add(macro.group(0)[2:3].lower())
         return super().expand(s, stripdot)
 
     def get_explanation(self, spec: str) -> str | None:
