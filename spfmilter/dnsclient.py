@@ -21,8 +21,14 @@ relies on it and does the rest with dnspython's own parts:
 * answers are parsed by dnspython (:func:`spfmilter.nameserver.parse_wire`,
   which tolerates invalid records as before); an answer whose answer section
   holds the records asked for is parsed without its authority and
-  additional sections, which nothing here reads (half the cost of parsing).
-  Negative answers are parsed whole, for the SOA (RFC 2308) and EDNS rcode.
+  additional sections, which nothing here reads (half the cost of parsing),
+  and the plainest of them -- only records of the type asked at the
+  question's name -- record by record by dnspython's rdata classes, without
+  a Message (:func:`_direct_answer`; a fifth of the cost again).  Negative
+  answers are parsed whole, for the SOA (RFC 2308) and EDNS rcode;
+* the wait for an answer is a recv on a blocking socket bounded by
+  SO_RCVTIMEO (a Python socket timeout would poll before each send and recv:
+  more GIL hand-offs between libmilter's threads).
 
 Sockets.  Each thread keeps one connected UDP socket per server and uses it
 for up to :data:`SOCKET_USES` queries, then takes a new one (a new source
