@@ -144,17 +144,11 @@ static PyTypeObject Context_Type;
  */
 static pthread_key_t keep_key;
 
-#if PY_VERSION_HEX >= 0x030D0000
-#define py_finalizing() Py_IsFinalizing()
-#else
-#define py_finalizing() _Py_IsFinalizing()
-#endif
-
 /*
  * Shutdown: once smfi_main has returned, the interpreter is about to finalize
  * while libmilter's threads may still deliver a callback (a connection closing,
- * say) or end (running drop_kept_state).  shutdown() closes the gate and waits
- * for those already inside; later ones answer, or end, without touching Python.
+ * say).  shutdown() closes the gate and waits for those already inside; later
+ * ones answer without touching Python (an ending thread never does).
  */
 static atomic_int closing;
 static atomic_int inflight;
@@ -169,24 +163,44 @@ static atomic_ulong gil_entries;
 static _Atomic(void *) release_head;
 static void release_closed(void);
 
-/* Thread exit: delete the kept state.  glibc has already cleared Python's own
- * thread-local pointer by now, so the state comes from our key's value.  Once
- * the gate is closed the state is leaked: the interpreter may be finalizing,
- * and taking the GIL then can hang or kill this thread (or assert). */
+/* Thread exit: queue the kept state for deletion by the next callback that
+ * holds the GIL (delete_dead_states), so an ending thread does not queue for
+ * the GIL itself: under load libmilter's pool starts and ends workers all the
+ * time, and each such GIL hand-off costs futex calls and context switches.
+ * glibc has already cleared Python's own thread-local pointer by now, so the
+ * state comes from our key's value.  A state queued once the gate is closed
+ * is left to the interpreter's finalization, which deletes every state. */
+struct dead_state {
+    PyThreadState *ts;
+    struct dead_state *next;
+};
+static _Atomic(struct dead_state *) dead_head;
+
 static void
 drop_kept_state(void *state)
 {
-    PyThreadState *ts = state;
+    struct dead_state *d;
 
-    if (ts == NULL)
-        return;
-    atomic_fetch_add(&inflight, 1);
-    if (!atomic_load(&closing) && Py_IsInitialized() && !py_finalizing()) {
-        PyEval_RestoreThread(ts);
-        PyThreadState_Clear(ts);
-        PyThreadState_DeleteCurrent();
+    if (state == NULL || (d = malloc(sizeof(*d))) == NULL)
+        return; /* without memory the state is left to finalization */
+    d->ts = state;
+    d->next = atomic_load(&dead_head);
+    while (!atomic_compare_exchange_weak(&dead_head, &d->next, d))
+        ;
+}
+
+/* Delete the states of ended threads; GIL held, their threads are gone. */
+static void
+delete_dead_states(void)
+{
+    struct dead_state *d = atomic_exchange(&dead_head, NULL), *next;
+
+    for (; d != NULL; d = next) {
+        next = d->next;
+        PyThreadState_Clear(d->ts);
+        PyThreadState_Delete(d->ts);
+        free(d);
     }
-    atomic_fetch_sub(&inflight, 1);
 }
 
 /* Take the GIL for a callback; 0 (and no GIL) once the module is shutting down. */
@@ -206,6 +220,8 @@ gil_enter(PyGILState_STATE *gs)
     atomic_fetch_add_explicit(&gil_entries, 1, memory_order_relaxed);
     if (atomic_load_explicit(&release_head, memory_order_relaxed) != NULL)
         release_closed();
+    if (atomic_load_explicit(&dead_head, memory_order_relaxed) != NULL)
+        delete_dead_states();
     return 1;
 }
 
@@ -1799,6 +1815,7 @@ mod_shutdown(PyObject *Py_UNUSED(m), PyObject *arg)
     }
     Py_END_ALLOW_THREADS
     release_closed();
+    delete_dead_states();
     return PyBool_FromLong(left == 0);
 }
 
