@@ -12,7 +12,9 @@ callbacks you need, and start it with :func:`run`::
 
     libmilter_ext.run(Hello, "unix:/run/hello.sock", "hello")
 
-Stages you don't override are never sent by the MTA, stages decorated with
+Negotiation needs no Python when the factory's class is known (see
+:func:`set_factory`): the handler is made at the first stage that enters
+Python.  Stages you don't override are never sent by the MTA, stages decorated with
 :func:`noreply` don't make the MTA wait for an answer, stages decorated with
 :func:`deferred` don't even take the GIL when they arrive (their method runs
 just before the next stage that calls Python), and an exception in a
@@ -205,6 +207,10 @@ class Milter:
                 checked when the class is defined
       actions   SMFIF_* flags wanted (default: every action the MTA offers)
       protocol  extra SMFIP_* flags wanted (e.g. SMFIP_HDR_LEADSPC)
+
+    The negotiation reads them from the class, before any handler exists (see
+    :func:`set_factory`); a milter whose negotiation depends on the instance
+    overrides _negotiate, which is then called on each connection.
     """
 
     failsafe: ClassVar[int] = TEMPFAIL

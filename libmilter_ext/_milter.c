@@ -16,10 +16,12 @@
  * runs with the GIL released.
  *
  * Each GIL hand-off between libmilter's threads costs futex calls and context
- * switches, so callbacks that need no Python answer without the GIL: deferred
- * stages (answer CONTINUE, arguments copied, the method run by the next stage
- * that takes the GIL: run_pending), filtered header fields, and a close whose
- * Python work can wait (the context queued for release_closed).
+ * switches, so callbacks that need no Python answer without the GIL: a
+ * negotiation whose answer the class's template gives (the context from a
+ * pool, the handler made at the first stage that enters Python: make_handler),
+ * deferred stages (answer CONTINUE, arguments copied, the method run by the
+ * next stage that takes the GIL: run_pending), filtered header fields, and a
+ * close whose Python work can wait (the context queued for release_closed).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
