@@ -1065,12 +1065,37 @@ make_handler(ContextObject *c, int stage)
  */
 static Py_ssize_t park_limit = 4096;
 
+/*
+ * A parked context keeps its factory entry for the next session, but most are
+ * never resumed (their SMFICTX was freed): so that they do not keep a replaced
+ * factory (and what it holds: a reloaded config's caches) alive, one whose
+ * entry makes the same class as the current entry takes the current one.  One
+ * of another class keeps its own: its sessions must be served by that class.
+ * GIL held.
+ */
+static void
+refresh_entry(ContextObject *c)
+{
+    struct entry *e = c->entry, *now;
+
+    if (e == NULL || e->cls == NULL)
+        return;
+    if ((now = entry_get()) != NULL && now != e && now->cls == e->cls) {
+        c->entry = now;
+        entry_put(e);
+    } else
+        entry_put(now);
+}
+
 static int
 park_context(SMFICTX *ctx, ContextObject *c)
 {
     PyObject *key = PyLong_FromVoidPtr(ctx), *oldest, *value;
     Py_ssize_t pos = 0;
-    int rc = key != NULL ? PyDict_SetItem(S.parked, key, (PyObject *)c) : -1;
+    int rc;
+
+    refresh_entry(c);
+    rc = key != NULL ? PyDict_SetItem(S.parked, key, (PyObject *)c) : -1;
 
     Py_XDECREF(key);
     while (rc == 0 && PyDict_GET_SIZE(S.parked) > park_limit
@@ -2010,12 +2035,20 @@ static PyObject *
 mod_set_factory(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"factory", "cls", NULL};
-    PyObject *factory, *cls = Py_None;
+    PyObject *factory, *cls = Py_None, *parked;
+    Py_ssize_t i;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:set_factory", kwlist, &factory, &cls))
         return NULL;
     if (install_entry(factory, cls) < 0)
         return NULL;
+    release_closed(); /* parks what is queued */
+    /* a copy: dropping an entry may run Python code, and other threads park */
+    if ((parked = PyDict_Values(S.parked)) == NULL)
+        return NULL;
+    for (i = 0; i < PyList_GET_SIZE(parked); i++)
+        refresh_entry((ContextObject *)PyList_GET_ITEM(parked, i));
+    Py_DECREF(parked);
     Py_RETURN_NONE;
 }
 

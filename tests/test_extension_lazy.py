@@ -94,3 +94,17 @@ def test_template_is_the_negotiation_of_the_class_and_none_when_overridden():
     assert header_filter == b"subject\0x-wanted\0\0" and symlists == ()
     assert (deferred, close) == (0, False)  # close() overridden, not deferred
     assert ListNegotiation._negotiation_template(*offer) is None  # asked per connection
+
+
+def test_kept_connection_takes_a_new_factory_of_the_same_class(lazy):
+    """A parked (closed, QUIT_NC-resumable) context does not keep a replaced
+    factory alive when the new one makes the same class: its next session gets
+    the new one; of another class it keeps its own (see the test above)."""
+    with MilterClient(lazy.spec) as client:
+        client.connect("ok.example", "192.0.2.1", 25, "4")
+        assert _message(client)["X-Factory"] == "first"
+        client.quit_nc()
+        _switch(lazy, "again")
+        client.connect("ok.example", "192.0.2.1", 25, "4")
+        got = _message(client)
+        assert (got["X-Class"], got["X-Factory"]) == ("LazyFirst", "again")

@@ -25,8 +25,8 @@ Usage: edges.py SOCKET_SPEC MODE [PARK_LIMIT], MODE one of
             milter_class; SIGUSR1 reads the file "factory" in the working
             directory and calls set_factory: "first" (LazyFirst, filtering
             Subject in), "second" (LazySecond: another header filter), "wrong"
-            (makes a LazyFirst, declared LazySecond), "raise" (raises); eom adds
-            X-Class.
+            (makes a LazyFirst, declared LazySecond), "raise" (raises), "again"
+            (LazyFirst again, a new factory); eom adds X-Class and X-Factory.
   counting, eager  the shape of a real milter (connect, helo, envfrom, eom):
             counting defers connect and helo and keeps the default close,
             eager does neither; eom reports the process's GIL entries so far
@@ -253,12 +253,17 @@ class BadFilter(Replying):
 
 
 class LazyFirst(Replying):
+    def __init__(self, word: str = "first") -> None:
+        super().__init__()
+        self.word = word  # which set_factory() made it
+
     @lm.deferred
     def connect(self, hostname, family, hostaddr):
         return super().connect(hostname, family, hostaddr)
 
     def eom(self):
         self.addheader("X-Class", type(self).__name__)
+        self.addheader("X-Factory", self.word)
         return super().eom()
 
 
@@ -271,6 +276,7 @@ def _raising():
 
 
 LAZY_FACTORIES = {"first": (LazyFirst, LazyFirst), "second": (LazySecond, LazySecond),
+                  "again": (lambda: LazyFirst("again"), LazyFirst),
                   "wrong": (LazyFirst, LazySecond), "raise": (_raising, LazyFirst)}
 
 
