@@ -1929,7 +1929,6 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
             c->entry = NULL;
             c->lazy = 0;
             c->ctx = NULL;
-            t = NULL;
             if (!gil_enter(&gs))
                 return SMFIS_TEMPFAIL;
             Py_DECREF(c);
