@@ -12,7 +12,9 @@ callbacks you need, and start it with :func:`run`::
 
     libmilter_ext.run(Hello, "unix:/run/hello.sock", "hello")
 
-Stages you don't override are never sent by the MTA, stages decorated with
+Negotiation needs no Python when the factory's class is known (see
+:func:`set_factory`): the handler is made at the first stage that enters
+Python.  Stages you don't override are never sent by the MTA, stages decorated with
 :func:`noreply` don't make the MTA wait for an answer, stages decorated with
 :func:`deferred` don't even take the GIL when they arrive (their method runs
 just before the next stage that calls Python), and an exception in a
@@ -92,7 +94,8 @@ __all__ = [
     "Context", "Milter", "MilterError", "StageError", "deferred", "handle_signals", "main",
     "noreply",
     "open_socket",
-    "register", "run", "setbacklog", "setdbg", "setmaxdatasize", "settimeout", "stop",
+    "register", "run", "set_factory", "setbacklog", "setdbg", "setmaxdatasize", "settimeout",
+    "stop",
     "version",
 ]
 
@@ -204,6 +207,10 @@ class Milter:
                 checked when the class is defined
       actions   SMFIF_* flags wanted (default: every action the MTA offers)
       protocol  extra SMFIP_* flags wanted (e.g. SMFIP_HDR_LEADSPC)
+
+    The negotiation reads them from the class, before any handler exists (see
+    :func:`set_factory`); a milter whose negotiation depends on the instance
+    overrides _negotiate, which is then called on each connection.
     """
 
     failsafe: ClassVar[int] = TEMPFAIL
@@ -302,23 +309,48 @@ class Milter:
         return flags
 
     def _negotiate(self, offered_actions: int, offered_protocol: int) -> tuple[int, int]:
-        """Called by the C layer first on each connection: answer (actions, protocol)."""
-        wanted = ALL_ACTIONS if self.actions is None else self.actions
-        if self.macros:
-            wanted |= SMFIF_SETSYMLIST
-        actions = wanted & offered_actions
-        protocol = self.protocol_flags() & offered_protocol
-        if self.macros and actions & SMFIF_SETSYMLIST:
-            for stage, names in self.macros.items():
-                self._ctx.setsymlist(_MACRO_STAGES[stage], names)
-        if self.header_names is not None:
-            self._ctx.set_header_filter(self._header_filter())
-        deferred_stages, close_deferred = self._deferral()
+        """Answer (actions, protocol) for this connection; called with the handler made.
+
+        Only called when the C layer has no template of the class's answer:
+        the factory's class is not known, or the class overrides this method
+        (then it is called on every connection, as the negotiation may depend
+        on the instance).
+        """
+        actions, protocol, symlists, header_filter, deferred_stages, close_deferred = \
+            type(self)._negotiation_template(offered_actions, offered_protocol, checked=False)
+        for where, names in symlists:
+            self._ctx.setsymlist(where, names)
+        if header_filter is not None:
+            self._ctx.set_header_filter(header_filter)
         if deferred_stages:
             self._ctx.set_deferred(deferred_stages)
         if close_deferred:
             self._ctx.set_close_deferred(True)
         return actions, protocol
+
+    @classmethod
+    def _negotiation_template(cls, offered_actions: int, offered_protocol: int, *,
+                              checked: bool = True) -> tuple[Any, ...] | None:
+        """The class's negotiation answer to this offer, for the C layer to reuse.
+
+        (actions, protocol, ((SMFIM_*, b"macros"), ...), header filter bytes or
+        None, deferred SMFIP_NR_* bits, close deferred): computed from the class
+        attributes only.  None if the class overrides _negotiate.
+        """
+        if checked and cls._negotiate is not Milter._negotiate:
+            return None
+        wanted = ALL_ACTIONS if cls.actions is None else cls.actions
+        if cls.macros:
+            wanted |= SMFIF_SETSYMLIST
+        actions = wanted & offered_actions
+        protocol = cls.protocol_flags() & offered_protocol
+        symlists: tuple[tuple[int, bytes], ...] = ()
+        if cls.macros and actions & SMFIF_SETSYMLIST:
+            symlists = tuple((_MACRO_STAGES[stage], names.encode("utf-8", "surrogateescape"))
+                             for stage, names in cls.macros.items())
+        header_filter = cls._header_filter() if cls.header_names is not None else None
+        deferred_stages, close_deferred = cls._deferral()
+        return actions, protocol, symlists, header_filter, deferred_stages, close_deferred
 
     @classmethod
     def _deferral(cls) -> tuple[int, bool]:
@@ -479,20 +511,54 @@ def _error_hook(handler: Milter | None, stage: str, exc: BaseException) -> int:
     return int(verdict)
 
 
-def register(factory: Callable[[], Milter], name: str, *,
-             flags: int = ALL_ACTIONS | SMFIF_SETSYMLIST) -> None:
-    """Register the milter class (or factory) with libmilter under name.
-
-    flags: the SMFIF_* actions registered with smfi_register; each connection
-    then negotiates what it really uses (Milter.actions).
-    """
-
+def _maker(factory: Callable[[], Milter]) -> Callable[[Context], Milter]:
     def make(ctx: Context) -> Milter:
         milter = factory()
         milter._ctx = ctx
         return milter
+    return make
 
-    _milter.register(name, make, _error_hook, flags)
+
+def _factory_class(factory: Callable[[], Milter],
+                   milter_class: type[Milter] | None) -> type[Milter] | None:
+    if milter_class is None and isinstance(factory, type) and issubclass(factory, Milter):
+        milter_class = factory
+    if milter_class is not None and not (isinstance(milter_class, type)
+                                         and issubclass(milter_class, Milter)):
+        raise TypeError(f"milter_class must be a Milter subclass, not {milter_class!r}")
+    return milter_class
+
+
+def register(factory: Callable[[], Milter], name: str, *,
+             flags: int = ALL_ACTIONS | SMFIF_SETSYMLIST,
+             milter_class: type[Milter] | None = None) -> None:
+    """Register the milter class (or factory) with libmilter under name.
+
+    flags: the SMFIF_* actions registered with smfi_register; each connection
+    then negotiates what it really uses (Milter.actions).  milter_class: the
+    class factory() returns (implied when factory is a Milter subclass); see
+    :func:`set_factory`.
+    """
+    _milter.register(name, _maker(factory), _error_hook, flags,
+                     _factory_class(factory, milter_class))
+
+
+def set_factory(factory: Callable[[], Milter], milter_class: type[Milter] | None = None) -> None:
+    """Make factory() the handler of each new connection from now on (a reload, say).
+
+    With the class it returns known (milter_class, or factory itself being a
+    Milter subclass), negotiation does not enter Python: the C layer answers
+    the MTA from the class's negotiation template (computed from its class
+    attributes once per MTA offer; a class that overrides _negotiate is asked
+    on each connection instead), and factory() runs at the first stage that
+    does enter Python, in the same GIL hold.  A connection is always served
+    by the factory it negotiated with, even if set_factory() is called before
+    its handler is made; a handler of another class than milter_class is
+    refused (the fail-safe verdict, logged).  A connection whose stages never
+    enter Python gets no handler at all (and no close()).  Without a known
+    class, negotiation calls factory() and _negotiate at once, as before.
+    """
+    _milter.set_factory(_maker(factory), _factory_class(factory, milter_class))
 
 
 _DRAIN_SECONDS = 5.0  # how long main() waits for callbacks still running at the end

@@ -16,10 +16,12 @@
  * runs with the GIL released.
  *
  * Each GIL hand-off between libmilter's threads costs futex calls and context
- * switches, so callbacks that need no Python answer without the GIL: deferred
- * stages (answer CONTINUE, arguments copied, the method run by the next stage
- * that takes the GIL: run_pending), filtered header fields, and a close whose
- * Python work can wait (the context queued for release_closed).
+ * switches, so callbacks that need no Python answer without the GIL: a
+ * negotiation whose answer the class's template gives (the context from a
+ * pool, the handler made at the first stage that enters Python: make_handler),
+ * deferred stages (answer CONTINUE, arguments copied, the method run by the
+ * next stage that takes the GIL: run_pending), filtered header fields, and a
+ * close whose Python work can wait (the context queued for release_closed).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -78,8 +80,9 @@ static const unsigned long stage_nr_bit[ST_COUNT] = {
 #define NO_VERDICT (-1)
 
 /* Process-wide state: libmilter itself is a process-wide singleton. */
+struct entry;
+
 static struct {
-    PyObject *factory;     /* callable(ctx) -> handler */
     PyObject *error_hook;  /* callable(handler, stage, exc) -> verdict */
     PyObject *method_names[ST_COUNT];
     PyObject *negotiate_name;
@@ -104,7 +107,10 @@ typedef struct ContextObject {
     int conn_verdict;      /* connect/helo/unknown: the rest of the SMTP session */
     int msg_verdict;       /* a message stage: until abort, the next MAIL or eom */
     int neg_verdict;       /* negotiation failed: every session on the milter connection */
-    PyObject *header_filter; /* bytes "name\0name\0\0" (lower case) or NULL: all */
+    PyObject *header_filter; /* set_header_filter's bytes, owning what filter points to */
+    const char *filter;    /* "name\0name\0\0" (lower case) or NULL: all fields */
+    struct entry *entry;   /* the factory (and class) the connection negotiated with */
+    int lazy;              /* the handler is made at the first stage that enters Python */
     /* Deferred stages (SMFIP_NR_* bits of connect, helo, data, unknown): answered
      * in C at once; the handler method runs later, in the GIL hold of the next
      * stage that enters Python (see run_pending). */
@@ -131,6 +137,95 @@ struct pending {
 #define MAX_PENDING 8
 
 static PyTypeObject Context_Type;
+
+/* ---- factories and negotiation templates -------------------------------- */
+
+/*
+ * The factory of new connections, with the class it makes (if the Python
+ * layer knows it) and, per offer from the MTA, that class's negotiation
+ * answer: a template.  With a template, negotiate answers without the GIL
+ * (the context comes from a pool filled at other GIL holds) and the handler
+ * is made at the first stage that enters Python, by the factory entry the
+ * connection negotiated with -- also after set_factory() replaced it.  An
+ * entry lives while the current pointer or a context holds it; its Python
+ * references go (GIL held) with the last.
+ */
+#define MAX_SYMLISTS 8
+
+struct template {
+    struct template *next;
+    unsigned long offer_actions, offer_protocol;
+    unsigned long actions, protocol, deferred;
+    int close_deferred;
+    int nsyms;
+    struct {
+        int where;
+        char *names;
+    } syms[MAX_SYMLISTS];
+    char *filter;          /* NULL: all header fields reach header() */
+};
+
+struct entry {
+    atomic_long refs;
+    PyObject *make;        /* callable(ctx) -> handler */
+    PyObject *cls;         /* the class make returns, or NULL: negotiate in Python */
+    _Atomic(struct template *) templates; /* written with the GIL, read without */
+};
+
+static pthread_mutex_t entry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct entry *current_entry;   /* under entry_lock */
+
+/* The current entry with a reference for the caller, or NULL.  No GIL needed. */
+static struct entry *
+entry_get(void)
+{
+    struct entry *e;
+
+    pthread_mutex_lock(&entry_lock);
+    if ((e = current_entry) != NULL)
+        atomic_fetch_add(&e->refs, 1);
+    pthread_mutex_unlock(&entry_lock);
+    return e;
+}
+
+/* Drop a reference; GIL held. */
+static void
+entry_put(struct entry *e)
+{
+    struct template *t, *next;
+    int i;
+
+    if (e == NULL || atomic_fetch_sub(&e->refs, 1) != 1)
+        return;
+    for (t = atomic_load(&e->templates); t != NULL; t = next) {
+        next = t->next;
+        for (i = 0; i < t->nsyms; i++)
+            PyMem_RawFree(t->syms[i].names);
+        PyMem_RawFree(t->filter);
+        PyMem_RawFree(t);
+    }
+    Py_XDECREF(e->make);
+    Py_XDECREF(e->cls);
+    PyMem_RawFree(e);
+}
+
+static const struct template *
+find_template(struct entry *e, unsigned long actions, unsigned long protocol)
+{
+    const struct template *t = atomic_load(&e->templates);
+
+    for (; t != NULL; t = t->next)
+        if (t->offer_actions == actions && t->offer_protocol == protocol)
+            return t;
+    return NULL;
+}
+
+/* Contexts made at GIL holds for negotiations that run without the GIL. */
+#define POOL_SIZE 32
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct ContextObject *pool[POOL_SIZE];
+static atomic_int pool_n;
+static void pool_fill(void);
 
 /* ---- the GIL on libmilter's threads ------------------------------------ */
 
@@ -222,6 +317,8 @@ gil_enter(PyGILState_STATE *gs)
         release_closed();
     if (atomic_load_explicit(&dead_head, memory_order_relaxed) != NULL)
         delete_dead_states();
+    if (atomic_load_explicit(&pool_n, memory_order_relaxed) < POOL_SIZE / 2)
+        pool_fill();
     return 1;
 }
 
@@ -625,6 +722,7 @@ Context_set_header_filter(ContextObject *self, PyObject *names)
         Py_INCREF(blob);
     }
     Py_XSETREF(self->header_filter, blob);
+    self->filter = blob != NULL ? PyBytes_AS_STRING(blob) : NULL;
     Py_RETURN_NONE;
 }
 
@@ -728,6 +826,7 @@ static int
 Context_clear(ContextObject *self)
 {
     Py_CLEAR(self->handler);
+    self->filter = NULL;
     Py_CLEAR(self->header_filter);
     return 0;
 }
@@ -753,6 +852,7 @@ Context_dealloc(ContextObject *self)
     PyObject_GC_UnTrack(self);
     drop_pending(self);
     Context_clear(self);
+    entry_put(self->entry);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -851,14 +951,15 @@ failsafe(ContextObject *c, int stage)
     return (int)v;
 }
 
+/* A fresh context, not bound to a connection yet. */
 static ContextObject *
-new_context(SMFICTX *ctx)
+alloc_context(void)
 {
     ContextObject *c = PyObject_GC_New(ContextObject, &Context_Type);
 
     if (c == NULL)
         return NULL;
-    c->ctx = ctx;
+    c->ctx = NULL;
     c->handler = NULL;
     c->actions = 0;
     c->protocol = 0;
@@ -867,6 +968,9 @@ new_context(SMFICTX *ctx)
     c->msg_verdict = NO_VERDICT;
     c->neg_verdict = NO_VERDICT;
     c->header_filter = NULL;
+    c->filter = NULL;
+    c->entry = NULL;
+    c->lazy = 0;
     c->deferred = 0;
     c->pending = NULL;
     c->pending_end = &c->pending;
@@ -875,12 +979,92 @@ new_context(SMFICTX *ctx)
     c->closed_ctx = NULL;
     c->release_next = NULL;
     PyObject_GC_Track(c);
-    if (smfi_setpriv(ctx, c) != MI_SUCCESS) {
+    return c;
+}
+
+/* Top the pool up; GIL held. */
+static void
+pool_fill(void)
+{
+    ContextObject *c;
+    int full = 0;
+
+    while (!full && (c = alloc_context()) != NULL) {
+        pthread_mutex_lock(&pool_lock);
+        if (atomic_load(&pool_n) < POOL_SIZE) {
+            pool[atomic_load(&pool_n)] = c;
+            atomic_fetch_add(&pool_n, 1);
+            c = NULL;
+        }
+        full = atomic_load(&pool_n) >= POOL_SIZE;
+        pthread_mutex_unlock(&pool_lock);
+        Py_XDECREF(c);
+    }
+    PyErr_Clear(); /* no memory: negotiations take the GIL and try again */
+}
+
+/* A context from the pool (the pool's reference handed over), or NULL.  No GIL. */
+static ContextObject *
+pool_pop(void)
+{
+    ContextObject *c = NULL;
+
+    pthread_mutex_lock(&pool_lock);
+    if (atomic_load(&pool_n) > 0)
+        c = pool[atomic_fetch_sub(&pool_n, 1) - 1];
+    pthread_mutex_unlock(&pool_lock);
+    return c;
+}
+
+/* Make c libmilter's private data of ctx (libmilter owns the reference). */
+static int
+bind_context(SMFICTX *ctx, ContextObject *c)
+{
+    c->ctx = ctx;
+    return smfi_setpriv(ctx, c) == MI_SUCCESS ? 0 : -1;
+}
+
+static ContextObject *
+new_context(SMFICTX *ctx)
+{
+    ContextObject *c = alloc_context();
+
+    if (c == NULL)
+        return NULL;
+    if (bind_context(ctx, c) < 0) {
         Py_DECREF(c);
         PyErr_SetString(S.error, "smfi_setpriv failed");
         return NULL;
     }
     return c;
+}
+
+/*
+ * The connection's handler, made by the factory entry it negotiated with; a
+ * handler of another class than the one negotiated for is refused.  If none
+ * comes, the fail-safe verdict answers the rest of the session.  GIL held.
+ */
+static void
+make_handler(ContextObject *c, int stage)
+{
+    struct entry *e = c->entry;
+    PyObject *h = e != NULL ? PyObject_CallOneArg(e->make, (PyObject *)c) : NULL;
+
+    c->lazy = 0;
+    if (h != NULL && e->cls != NULL && (PyObject *)Py_TYPE(h) != e->cls) {
+        PyErr_Format(PyExc_TypeError, "the milter factory made a %.100s for a connection "
+                     "negotiated for %R", Py_TYPE(h)->tp_name, e->cls);
+        Py_CLEAR(h);
+    }
+    if (h == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(S.error, "no milter factory registered");
+        if (c->conn_verdict == NO_VERDICT)
+            c->conn_verdict = failsafe(c, stage);
+        else
+            PyErr_WriteUnraisable(NULL);
+    }
+    c->handler = h;
 }
 
 /*
@@ -897,12 +1081,37 @@ new_context(SMFICTX *ctx)
  */
 static Py_ssize_t park_limit = 4096;
 
+/*
+ * A parked context keeps its factory entry for the next session, but most are
+ * never resumed (their SMFICTX was freed): so that they do not keep a replaced
+ * factory (and what it holds: a reloaded config's caches) alive, one whose
+ * entry makes the same class as the current entry takes the current one.  One
+ * of another class keeps its own: its sessions must be served by that class.
+ * GIL held.
+ */
+static void
+refresh_entry(ContextObject *c)
+{
+    struct entry *e = c->entry, *now;
+
+    if (e == NULL || e->cls == NULL)
+        return;
+    if ((now = entry_get()) != NULL && now != e && now->cls == e->cls) {
+        c->entry = now;
+        entry_put(e);
+    } else
+        entry_put(now);
+}
+
 static int
 park_context(SMFICTX *ctx, ContextObject *c)
 {
     PyObject *key = PyLong_FromVoidPtr(ctx), *oldest, *value;
     Py_ssize_t pos = 0;
-    int rc = key != NULL ? PyDict_SetItem(S.parked, key, (PyObject *)c) : -1;
+    int rc;
+
+    refresh_entry(c);
+    rc = key != NULL ? PyDict_SetItem(S.parked, key, (PyObject *)c) : -1;
 
     Py_XDECREF(key);
     while (rc == 0 && PyDict_GET_SIZE(S.parked) > park_limit
@@ -939,7 +1148,6 @@ static ContextObject *
 get_context(SMFICTX *ctx, int stage)
 {
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx), *old;
-    PyObject *h;
 
     if (c != NULL)
         return c;
@@ -954,30 +1162,28 @@ get_context(SMFICTX *ctx, int stage)
         return NULL;
     }
     if (old != NULL && stage != ST_NEGOTIATE) {
-        /* a new SMTP session on a kept milter connection */
+        /* a new SMTP session on a kept milter connection: the class and state
+         * it negotiated */
         c->actions = old->actions;
         c->protocol = old->protocol;
         c->neg_verdict = c->conn_verdict = old->neg_verdict;
         Py_XINCREF(old->header_filter);
         c->header_filter = old->header_filter;
+        c->filter = old->filter; /* in header_filter or in entry's template */
         c->deferred = old->deferred;
         c->close_deferred = old->close_deferred;
-    }
-    h = S.factory ? PyObject_CallOneArg(S.factory, (PyObject *)c) : NULL;
-    if (h == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(S.error, "no milter factory registered");
-        if (c->conn_verdict == NO_VERDICT)
+        if ((c->entry = old->entry) != NULL)
+            atomic_fetch_add(&c->entry->refs, 1);
+    } else if (stage != ST_NEGOTIATE)
+        c->entry = entry_get();
+    if (stage != ST_NEGOTIATE) {
+        make_handler(c, stage);
+        if (c->handler != NULL && old == NULL) {
+            PyErr_Format(S.error, "%s: an SMTP session on a milter connection whose "
+                         "negotiation is not known (forgotten after SMFIC_QUIT_NC)",
+                         stage_names[stage]);
             c->conn_verdict = failsafe(c, stage);
-        else
-            PyErr_WriteUnraisable(NULL);
-    }
-    c->handler = h;
-    if (h != NULL && old == NULL && stage != ST_NEGOTIATE) {
-        PyErr_Format(S.error, "%s: an SMTP session on a milter connection whose "
-                     "negotiation is not known (forgotten after SMFIC_QUIT_NC)",
-                     stage_names[stage]);
-        c->conn_verdict = failsafe(c, stage);
+        }
     }
     Py_XDECREF(old);
     return c;
@@ -1072,6 +1278,8 @@ begin(SMFICTX *ctx, int stage, sfsistat *early)
         *early = SMFIS_TEMPFAIL;
         return NULL;
     }
+    if (c->lazy)
+        make_handler(c, stage);
     if (stage == ST_ENVFROM)
         c->msg_verdict = NO_VERDICT; /* a new transaction */
     if (c->pending != NULL)
@@ -1128,7 +1336,7 @@ answer_deferred(ContextObject *c, int stage, const void *args, sfsistat *r)
         return 0;
     if (v != NO_VERDICT)
         *r = replies(c, stage) ? v : SMFIS_NOREPLY;
-    else if (c->handler == NULL)
+    else if (c->handler == NULL && !c->lazy)
         *r = replies(c, stage) ? SMFIS_TEMPFAIL : SMFIS_NOREPLY;
     else if (defer(c, stage, args))
         *r = replies(c, stage) ? SMFIS_CONTINUE : SMFIS_NOREPLY;
@@ -1441,12 +1649,12 @@ cb_header(SMFICTX *ctx, char *name, char *value)
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
     struct header_args a = {name, value};
 
-    if (c != NULL && c->header_filter != NULL && name != NULL) {
+    if (c != NULL && c->filter != NULL && name != NULL) {
         int v = carried(c);
 
         if (v != NO_VERDICT)
             return replies(c, ST_HEADER) ? v : SMFIS_NOREPLY;
-        if (!header_wanted(PyBytes_AS_STRING(c->header_filter), name))
+        if (!header_wanted(c->filter, name))
             return replies(c, ST_HEADER) ? SMFIS_CONTINUE : SMFIS_NOREPLY;
     }
     return dispatch(ctx, ST_HEADER, call_header, &a);
@@ -1496,6 +1704,8 @@ cb_abort(SMFICTX *ctx)
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
     if ((c = (ContextObject *)smfi_getpriv(ctx)) != NULL) {
+        if (c->lazy)
+            make_handler(c, ST_ABORT);
         run_pending(c);
         c->msg_verdict = NO_VERDICT; /* the transaction is over */
         call_quietly(c, ST_ABORT);
@@ -1542,9 +1752,11 @@ cb_close(SMFICTX *ctx)
 
     if (c == NULL)
         return SMFIS_CONTINUE;
-    if (c->close_deferred && c->pending == NULL) {
-        /* Nothing to run now: queue the context (and libmilter's reference to
-         * it) for the next GIL hold, and answer without the GIL. */
+    if (c->pending == NULL && (c->close_deferred || c->lazy)) {
+        /* Nothing to run now (or no handler was ever made: nothing to close):
+         * queue the context (and libmilter's reference to it) for the next GIL
+         * hold, and answer without the GIL. */
+        c->lazy = 0;
         c->ctx = NULL;
         c->closed_ctx = ctx;
         (void)smfi_setpriv(ctx, NULL);
@@ -1556,6 +1768,8 @@ cb_close(SMFICTX *ctx)
     }
     if (!gil_enter(&gs))
         return SMFIS_CONTINUE;
+    if (c->lazy)
+        make_handler(c, ST_CLOSE);
     run_pending(c);
     call_quietly(c, ST_CLOSE);
     c->ctx = NULL;
@@ -1593,28 +1807,190 @@ two_flags(PyObject *res, unsigned long *actions, unsigned long *protocol)
     return -1;
 }
 
-/* handler._negotiate(offered_actions, offered_protocol) -> (actions, protocol).
- * If it fails, the fail-safe verdict answers every stage of every session on
- * this milter connection and libmilter negotiates its defaults. */
+/* A malloc'd copy of a bytes object's contents (with its NUL), or NULL. */
+static char *
+raw_copy(PyObject *b)
+{
+    char *copy = PyMem_RawMalloc((size_t)PyBytes_GET_SIZE(b) + 1);
+
+    if (copy == NULL)
+        PyErr_NoMemory();
+    else
+        memcpy(copy, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b) + 1);
+    return copy;
+}
+
+/*
+ * The template for this offer from cls._negotiation_template(actions,
+ * protocol): (actions, protocol, ((SMFIM_*, b"macros"), ...), header filter
+ * bytes or None, deferred SMFIP_NR_* bits, close deferred).  It returns None
+ * when it cannot be cached (the class negotiates per instance): then NULL, no
+ * exception.  Kept on the entry for the next connections.  GIL held.
+ */
+static const struct template *
+make_template(struct entry *e, unsigned long f0, unsigned long f1)
+{
+    PyObject *res, *syms, *filter = NULL;
+    struct template *t;
+    Py_ssize_t i;
+    int close_deferred;
+
+    res = PyObject_CallMethod(e->cls, "_negotiation_template", "kk", f0, f1);
+    if (res == NULL || res == Py_None) {
+        Py_XDECREF(res);
+        return NULL;
+    }
+    if ((t = PyMem_RawCalloc(1, sizeof *t)) == NULL) {
+        Py_DECREF(res);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    t->offer_actions = f0;
+    t->offer_protocol = f1;
+    if (!PyArg_ParseTuple(res, "kkO!Okp;_negotiation_template() must return (actions, "
+                          "protocol, symlists, header filter, deferred, close deferred)",
+                          &t->actions, &t->protocol, &PyTuple_Type, &syms, &filter,
+                          &t->deferred, &close_deferred))
+        goto fail;
+    t->close_deferred = close_deferred;
+    if (PyTuple_GET_SIZE(syms) > MAX_SYMLISTS) {
+        PyErr_SetString(PyExc_ValueError, "_negotiation_template: too many symlists");
+        goto fail;
+    }
+    for (i = 0; i < PyTuple_GET_SIZE(syms); i++) {
+        PyObject *names;
+
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(syms, i), "iS;symlist: (SMFIM_*, bytes)",
+                              &t->syms[i].where, &names))
+            goto fail;
+        if ((t->syms[i].names = raw_copy(names)) == NULL)
+            goto fail;
+        t->nsyms = (int)i + 1;
+    }
+    if (filter != Py_None) {
+        ContextObject probe = {.header_filter = NULL};
+        PyObject *ok = Context_set_header_filter(&probe, filter); /* validates */
+
+        Py_XDECREF(probe.header_filter);
+        if (ok == NULL)
+            goto fail;
+        Py_DECREF(ok);
+        if ((t->filter = raw_copy(filter)) == NULL)
+            goto fail;
+    }
+    Py_DECREF(res);
+    t->next = atomic_load(&e->templates);
+    atomic_store(&e->templates, t); /* only written with the GIL held */
+    return t;
+
+fail:
+    Py_DECREF(res);
+    for (i = 0; i < t->nsyms; i++)
+        PyMem_RawFree(t->syms[i].names);
+    PyMem_RawFree(t->filter);
+    PyMem_RawFree(t);
+    return NULL;
+}
+
+/* Negotiate c as t says: libmilter's macro lists, the context's state, the
+ * answer.  -1 if libmilter refused a macro list.  No GIL needed. */
+static int
+apply_template(SMFICTX *ctx, ContextObject *c, const struct template *t,
+               unsigned long *pf0, unsigned long *pf1, unsigned long *pf2,
+               unsigned long *pf3)
+{
+    int i;
+
+    c->actions = t->actions;
+    c->protocol = t->protocol;
+    c->filter = t->filter;
+    c->deferred = t->deferred;
+    c->close_deferred = t->close_deferred;
+    c->lazy = 1;
+    for (i = 0; i < t->nsyms; i++)
+        if (smfi_setsymlist(ctx, t->syms[i].where, t->syms[i].names) != MI_SUCCESS)
+            return -1;
+    *pf0 = t->actions;
+    *pf1 = t->protocol;
+    *pf2 = *pf3 = 0;
+    return 0;
+}
+
+/*
+ * Negotiation.  With the template of the entry's class for this offer, in C
+ * without the GIL, the handler made later (lazy).  Else with the GIL: the
+ * template made now if the class gives one, or (no class, or it negotiates per
+ * instance) the handler made now and handler._negotiate(offered_actions,
+ * offered_protocol) -> (actions, protocol) asked.  If that fails, the
+ * fail-safe verdict answers every stage of every session on this milter
+ * connection and libmilter negotiates its defaults.
+ */
 static sfsistat
 cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
              unsigned long f3, unsigned long *pf0, unsigned long *pf1, unsigned long *pf2,
              unsigned long *pf3)
 {
     PyGILState_STATE gs;
-    ContextObject *c;
+    struct entry *e = atomic_load(&closing) ? NULL : entry_get();
+    const struct template *t = e != NULL ? find_template(e, f0, f1) : NULL;
+    ContextObject *c = t != NULL && smfi_getpriv(ctx) == NULL ? pool_pop() : NULL;
     PyObject *res = NULL, *meth;
     sfsistat r = SMFIS_ALL_OPTS;
 
+    if (c != NULL) {
+        c->entry = e;
+        if (bind_context(ctx, c) == 0 && apply_template(ctx, c, t, pf0, pf1, pf2, pf3) == 0)
+            return SMFIS_CONTINUE;
+        if (smfi_getpriv(ctx) != c) {  /* not bound: the GIL path starts over */
+            c->entry = NULL;
+            c->lazy = 0;
+            c->ctx = NULL;
+            if (!gil_enter(&gs))
+                return SMFIS_TEMPFAIL;
+            Py_DECREF(c);
+            c = NULL;
+            gil_leave(gs);
+        }
+    }
     if (!gil_enter(&gs))
         return SMFIS_TEMPFAIL; /* shutting down: libmilter drops the connection */
-    c = get_context(ctx, ST_NEGOTIATE);
-    if (c == NULL) {
+    if (c != NULL) { /* bound, but a macro list refused */
+        c->lazy = 0;
+        PyErr_SetString(S.error, "smfi_setsymlist failed");
+        c->neg_verdict = c->conn_verdict = failsafe(c, ST_NEGOTIATE);
         gil_leave(gs);
         return SMFIS_ALL_OPTS;
     }
+    c = get_context(ctx, ST_NEGOTIATE);
+    if (c == NULL) {
+        entry_put(e);
+        gil_leave(gs);
+        return SMFIS_ALL_OPTS;
+    }
+    entry_put(c->entry);
+    c->entry = e;
     c->actions = f0;
     c->protocol = 0;
+    if (e != NULL && e->cls != NULL && t == NULL) {
+        t = make_template(e, f0, f1);
+        if (t == NULL && PyErr_Occurred()) {
+            c->neg_verdict = c->conn_verdict = failsafe(c, ST_NEGOTIATE);
+            gil_leave(gs);
+            return SMFIS_ALL_OPTS;
+        }
+    }
+    if (t != NULL) {
+        if (apply_template(ctx, c, t, pf0, pf1, pf2, pf3) == 0)
+            r = SMFIS_CONTINUE;
+        else {
+            c->lazy = 0;
+            PyErr_SetString(S.error, "smfi_setsymlist failed");
+            c->neg_verdict = c->conn_verdict = failsafe(c, ST_NEGOTIATE);
+        }
+        gil_leave(gs);
+        return r;
+    }
+    make_handler(c, ST_NEGOTIATE);
     if (c->handler == NULL) {
         gil_leave(gs);
         return SMFIS_ALL_OPTS;
@@ -1639,25 +2015,77 @@ cb_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2,
 
 /* ---- module functions: the daemon side ---------------------------------- */
 
+/* Make (make, cls) the factory of new connections; GIL held. */
+static int
+install_entry(PyObject *make, PyObject *cls)
+{
+    struct entry *e, *old;
+
+    if (!PyCallable_Check(make) || (cls != Py_None && !PyType_Check(cls))) {
+        PyErr_SetString(PyExc_TypeError, "factory must be callable, cls a class or None");
+        return -1;
+    }
+    if ((e = PyMem_RawCalloc(1, sizeof *e)) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    atomic_init(&e->refs, 1);
+    Py_INCREF(make);
+    e->make = make;
+    if (cls != Py_None) {
+        Py_INCREF(cls);
+        e->cls = cls;
+    }
+    atomic_init(&e->templates, NULL);
+    pthread_mutex_lock(&entry_lock);
+    old = current_entry;
+    current_entry = e;
+    pthread_mutex_unlock(&entry_lock);
+    entry_put(old);
+    pool_fill();
+    return 0;
+}
+
+static PyObject *
+mod_set_factory(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"factory", "cls", NULL};
+    PyObject *factory, *cls = Py_None, *parked;
+    Py_ssize_t i;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:set_factory", kwlist, &factory, &cls))
+        return NULL;
+    if (install_entry(factory, cls) < 0)
+        return NULL;
+    release_closed(); /* parks what is queued */
+    /* a copy: dropping an entry may run Python code, and other threads park */
+    if ((parked = PyDict_Values(S.parked)) == NULL)
+        return NULL;
+    for (i = 0; i < PyList_GET_SIZE(parked); i++)
+        refresh_entry((ContextObject *)PyList_GET_ITEM(parked, i));
+    Py_DECREF(parked);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 mod_register(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"name", "factory", "error_hook", "flags", NULL};
+    static char *kwlist[] = {"name", "factory", "error_hook", "flags", "cls", NULL};
     const char *name;
-    PyObject *factory, *hook = Py_None;
+    PyObject *factory, *hook = Py_None, *cls = Py_None;
     unsigned long flags = 0;
     struct smfiDesc desc;
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO|Ok:register", kwlist, &name, &factory,
-                                     &hook, &flags))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO|OkO:register", kwlist, &name, &factory,
+                                     &hook, &flags, &cls))
         return NULL;
-    if (!PyCallable_Check(factory) || (hook != Py_None && !PyCallable_Check(hook))) {
+    if (hook != Py_None && !PyCallable_Check(hook)) {
         PyErr_SetString(PyExc_TypeError, "factory and error_hook must be callable");
         return NULL;
     }
-    Py_INCREF(factory);
-    Py_XSETREF(S.factory, factory);
+    if (install_entry(factory, cls) < 0)
+        return NULL;
     if (hook == Py_None)
         Py_CLEAR(S.error_hook);
     else {
@@ -1937,7 +2365,12 @@ mod_disarm_signal_thread(PyObject *Py_UNUSED(m), PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"register", (PyCFunction)(void (*)(void))mod_register, METH_VARARGS | METH_KEYWORDS,
-     "register(name, factory, error_hook=None, flags=0): smfi_register with every callback."},
+     "register(name, factory, error_hook=None, flags=0, cls=None): smfi_register with every "
+     "callback; factory(ctx) makes the handlers, of class cls if given (see set_factory)."},
+    {"set_factory", (PyCFunction)(void (*)(void))mod_set_factory, METH_VARARGS | METH_KEYWORDS,
+     "set_factory(factory, cls=None): factory(ctx) makes the handlers of new connections, "
+     "of class cls: then negotiation answers from cls._negotiation_template without the GIL "
+     "and the handler is made lazily.  Connections already negotiated keep theirs."},
     {"setconn", mod_setconn, METH_O, "Socket spec: unix:/path, inet:port@host, inet6:port@host."},
     {"opensocket", mod_opensocket, METH_O, "Open the socket now (argument: remove a stale one)."},
     {"settimeout", mod_settimeout, METH_O, "Seconds to wait for the MTA."},

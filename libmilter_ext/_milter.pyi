@@ -38,7 +38,15 @@ def register(
     factory: Callable[[Context], Any],
     error_hook: Callable[[Any, str, BaseException], int] | None = ...,
     flags: int = ...,
+    cls: type | None = ...,
 ) -> None: ...
+def set_factory(factory: Callable[[Context], Any], cls: type | None = ...) -> None:
+    """New connections: handlers from factory(ctx), of class cls (None: unknown).
+
+    With cls, negotiation answers from cls._negotiation_template(actions,
+    protocol) without the GIL and the handler is made at the first stage that
+    enters Python, by the factory the connection negotiated with.
+    """
 def setconn(spec: _Text, /) -> None: ...
 def opensocket(remove_stale: bool, /) -> None: ...
 def settimeout(seconds: int, /) -> None: ...

@@ -264,6 +264,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.use_checker(checker)
         self.holder.current = Runtime(new, checker, self.metrics)
+        self._serve(self.holder.current)
         self._relog(new)
         for warning in configmod.warnings(new):
             log.warning("%s", warning)
@@ -278,8 +279,14 @@ class Daemon:
             self.reload()
         except Exception:
             self.holder.current = running
+            self._serve(running)
             log.exception("reload failed, keeping the running config")
             self._count_reload("failed")
+
+    def _serve(self, runtime: Runtime) -> None:
+        """New connections get handlers of runtime (those negotiated keep theirs)."""
+        make, cls = factory(runtime)
+        lm.set_factory(self._counted(make), cls)
 
     def _count_reload(self, result: str) -> None:
         if self.metrics is not None:
@@ -317,7 +324,8 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot open the metrics endpoint {cfg.metrics.listen}:"
                                    f" {exc.strerror or exc}") from None
-        lm.register(self._counted(factory(self.holder)), cfg.milter.name)
+        make, cls = factory(self.holder.current)
+        lm.register(self._counted(make), cfg.milter.name, milter_class=cls)
         lm.settimeout(cfg.milter.timeout)
         old_umask = os.umask(cfg.milter.umask)
         try:

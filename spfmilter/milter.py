@@ -336,16 +336,25 @@ class DmarcSpfMilter(SpfMilter):
         return super().on_exception(stage, exc)
 
 
-def factory(holder: RuntimeHolder) -> Callable[[], SpfMilter]:
-    """A milter factory that gives each new connection the current runtime."""
-    if holder.current.config.policy.dmarc_defer:
+def milter_class(cfg: Config) -> type[SpfMilter]:
+    """The handler class a configuration calls for (its negotiation differs)."""
+    if cfg.policy.reject_at == "rcpt":  # never with dmarc_defer (config)
+        return RcptSpfMilter
+    return DmarcSpfMilter if cfg.policy.dmarc_defer else SpfMilter
+
+
+def factory(runtime: Runtime) -> tuple[Callable[[], SpfMilter], type[SpfMilter]]:
+    """A milter factory for the connections negotiated under runtime, and its class.
+
+    Handed to libmilter_ext.register/set_factory (again at each reload): a
+    connection's handler is made lazily, by the factory it negotiated with,
+    so a reload between its negotiation and its handler changes neither.
+    """
+    cls = milter_class(runtime.config)
+    if cls is DmarcSpfMilter:
         dmarc.preload()  # else the first message waits for it (or after a reload)
 
     def make() -> SpfMilter:
-        runtime = holder.current
-        if runtime.config.policy.reject_at == "rcpt":  # never with dmarc_defer (config)
-            return RcptSpfMilter(runtime)
-        cls = DmarcSpfMilter if runtime.config.policy.dmarc_defer else SpfMilter
         return cls(runtime)
 
-    return make
+    return make, cls

@@ -197,3 +197,37 @@ def test_check_config_names_file_and_line_of_a_recipient_section_without_rcpt(tm
     assert out.returncode == 0, out.stderr
     assert "reject_at = rcpt\n" in out.stdout
     assert "[recipient:customer.example]\nmailfrom_fail = accept\n" in out.stdout
+
+
+def test_reload_between_negotiation_and_first_stage_keeps_the_negotiated_class(
+        rcpt_daemon, dns_server):
+    """The handler is made lazily, at MAIL FROM: a connection negotiated under
+    reject_at = mail is still served by SpfMilter after a reload to rcpt, while
+    the next one gets RcptSpfMilter with envrcpt negotiated."""
+    work = rcpt_daemon.work
+
+    def reload(**kwargs) -> None:
+        write_config(rcpt_daemon.cfg, work, dns_server, **kwargs)
+        n = rcpt_daemon.stderr().count("configuration reloaded")
+        rcpt_daemon.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: rcpt_daemon.stderr().count("configuration reloaded") > n)
+
+    try:
+        reload()  # reject_at = mail
+        with MilterClient(rcpt_daemon.spec) as old:
+            assert old.protocol & P.SMFIP_NORCPT
+            old.connect("[127.0.0.2]", "127.0.0.2", 0, "4")  # deferred: no handler yet
+            reload(policy=RCPT_POLICY, extra=RCPT_SECTIONS)
+            with MilterClient(rcpt_daemon.spec) as new:
+                assert not new.protocol & P.SMFIP_NORCPT
+                new.connect("[127.0.0.2]", "127.0.0.2", 0, "4")
+                new.helo("pass.spf.test")
+                assert new.mail("<u@fail.spf.test>").action == "continue"
+                rcpt = new.rcpt("<bob@example.org>")
+                assert (rcpt.code, rcpt.xcode) == FAIL  # refused per recipient
+            old.helo("pass.spf.test")
+            mail = old.mail("<u@fail.spf.test>")
+            assert (mail.code, mail.xcode) == FAIL  # refused at MAIL FROM: SpfMilter
+    finally:
+        reload(policy=RCPT_POLICY, extra=RCPT_SECTIONS)
+    assert "Traceback" not in rcpt_daemon.stderr()

@@ -265,12 +265,13 @@ def _gil_per_session(daemon: Daemon, sessions: int, wait_close: bool) -> list[in
 
 
 def test_gil_entries_per_session(shortdir):
-    """Eager: negotiate, connect, helo, envfrom, eom and close take the GIL;
-    deferred connect and helo with the default close: negotiate, envfrom, eom."""
+    """Negotiation answers from the class's template without the GIL.  Eager:
+    connect, helo, envfrom, eom and close take the GIL; deferred connect and helo
+    with the default close: envfrom (which makes the handler) and eom."""
     with _edges(shortdir, "eager") as eager:
-        assert _gil_per_session(eager, 4, wait_close=True) == [6, 6, 6]
+        assert _gil_per_session(eager, 4, wait_close=True) == [5, 5, 5]
     with _edges(shortdir, "counting") as counting:
-        assert _gil_per_session(counting, 4, wait_close=False) == [3, 3, 3]
+        assert _gil_per_session(counting, 4, wait_close=False) == [2, 2, 2]
 
 
 _WORDS = ("ok", "reject", "tempfail", "raise", "accept")

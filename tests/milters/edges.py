@@ -21,6 +21,12 @@ Usage: edges.py SOCKET_SPEC MODE [PARK_LIMIT], MODE one of
             @deferred; each call is printed (with the macros it reads) and
             listed in X-Calls at eom; data's verdict is picked by the first
             recipient's local part, unknown's by the command's first word.
+  lazy      like replying with connect @deferred, registered as a factory with
+            milter_class; SIGUSR1 reads the file "factory" in the working
+            directory and calls set_factory: "first" (LazyFirst, filtering
+            Subject in), "second" (LazySecond: another header filter), "wrong"
+            (makes a LazyFirst, declared LazySecond), "raise" (raises), "again"
+            (LazyFirst again, a new factory); eom adds X-Class and X-Factory.
   counting, eager  the shape of a real milter (connect, helo, envfrom, eom):
             counting defers connect and helo and keeps the default close,
             eager does neither; eom reports the process's GIL entries so far
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import sys
 
 import libmilter_ext as lm
@@ -245,6 +252,41 @@ class BadFilter(Replying):
         return b"subject"
 
 
+class LazyFirst(Replying):
+    def __init__(self, word: str = "first") -> None:
+        super().__init__()
+        self.word = word  # which set_factory() made it
+
+    @lm.deferred
+    def connect(self, hostname, family, hostaddr):
+        return super().connect(hostname, family, hostaddr)
+
+    def eom(self):
+        self.addheader("X-Class", type(self).__name__)
+        self.addheader("X-Factory", self.word)
+        return super().eom()
+
+
+class LazySecond(LazyFirst):
+    header_names = frozenset({"X-Wanted"})
+
+
+def _raising():
+    raise RuntimeError("the factory is broken on purpose")
+
+
+LAZY_FACTORIES = {"first": (LazyFirst, LazyFirst), "second": (LazySecond, LazySecond),
+                  "again": (lambda: LazyFirst("again"), LazyFirst),
+                  "wrong": (LazyFirst, LazySecond), "raise": (_raising, LazyFirst)}
+
+
+def _switch_factory(signum, frame):
+    word = open("factory").read().strip()
+    make, cls = LAZY_FACTORIES[word]
+    lm.set_factory(make, cls)
+    print(f"factory {word}", flush=True)
+
+
 MODES = {"noreply": NoReply, "replying": Replying, "listneg": ListNegotiation,
          "shortneg": ShortNegotiation, "badfilter": BadFilter, "deferred": Deferred,
          "counting": Counting, "eager": Eager}
@@ -271,6 +313,12 @@ def main() -> None:
             milter._ctx = ctx
             return milter
         lm._milter.register("edges", make, raw_hook, lm.ALL_ACTIONS | lm.SMFIF_SETSYMLIST)
+        lm.settimeout(30)
+        lm.open_socket(spec)
+        lm.main()
+    elif mode == "lazy":
+        signal.signal(signal.SIGUSR1, _switch_factory)
+        lm.register(lambda: LazyFirst(), "edges", milter_class=LazyFirst)
         lm.settimeout(30)
         lm.open_socket(spec)
         lm.main()
