@@ -106,6 +106,15 @@ class Daemon:
             self.stop()
 
 
+def edges_milter(workdir: Path, mode: str) -> Daemon:
+    """tests/milters/edges.py in *mode*, on a unix socket in *workdir* (kept short)."""
+    work = workdir / mode
+    work.mkdir(exist_ok=True)
+    spec = f"unix:{workdir}/{mode}.sock"
+    return Daemon([PYTHON, str(Path(__file__).parent / "milters" / "edges.py"), spec, mode],
+                  spec, work)
+
+
 def sigwaiting_threads(pid: int) -> list[int]:
     """Threads of pid blocked in sigwait (libmilter's signal thread, until parked)."""
     found = []

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import libmilter_ext as lm
 from libmilter_ext import protocol as P
 from libmilter_ext.testing import MilterClient
-from tests.procs import PYTHON, Daemon
+from tests.procs import Daemon, edges_milter
 
 MILTERS = Path(__file__).parent / "milters"
 DEFERRED_NR = P.SMFIP_NR_CONN | P.SMFIP_NR_HELO | P.SMFIP_NR_DATA | P.SMFIP_NR_UNKN
@@ -33,11 +33,7 @@ def shortdir():
         yield Path(d)
 
 
-def _edges(shortdir: Path, mode: str) -> Daemon:
-    work = shortdir / mode
-    work.mkdir(exist_ok=True)
-    spec = f"unix:{shortdir}/{mode}.sock"
-    return Daemon([PYTHON, str(MILTERS / "edges.py"), spec, mode], spec, work)
+_edges = edges_milter
 
 
 @pytest.fixture(scope="module")

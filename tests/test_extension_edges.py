@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from libmilter_ext import protocol as P
 from libmilter_ext.testing import MilterClient, MilterError
-from tests.procs import PYTHON, ROOT, Daemon
+from tests.procs import PYTHON, ROOT, Daemon, edges_milter
 
 MILTERS = Path(__file__).parent / "milters"
 RCPTS = ("<r1@example.org>", "<r2@example.org>", "<r3@example.org>")
@@ -32,11 +32,7 @@ def shortdir():
         yield Path(d)
 
 
-def _edges(shortdir: Path, mode: str) -> Daemon:
-    work = shortdir / mode
-    work.mkdir(exist_ok=True)
-    spec = f"unix:{shortdir}/{mode}.sock"
-    return Daemon([PYTHON, str(MILTERS / "edges.py"), spec, mode], spec, work)
+_edges = edges_milter
 
 
 @pytest.fixture(scope="module")
