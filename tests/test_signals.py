@@ -53,6 +53,8 @@ def full_session(spec: str) -> str:
 def test_exception_in_on_hup_is_logged_and_the_milter_keeps_serving(workdir: Path) -> None:
     milter = signals_milter(workdir, "hup-raises").start()
     try:
+        # Until libmilter's own signal thread is parked, a SIGHUP may still stop it.
+        _wait_for(lambda: sigwaiting_threads(milter.proc.pid) == [])
         for n in range(1, 4):
             milter.proc.send_signal(signal.SIGHUP)
             _wait_for(lambda n=n: milter.stderr().count("RuntimeError: reload exploded") == n)
