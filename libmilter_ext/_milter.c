@@ -252,6 +252,11 @@ static atomic_int inflight;
  * tests and benchmarks through _gil_entries(). */
 static atomic_ulong gil_entries;
 
+/* Times a Context action let go of the GIL around a libmilter call that writes
+ * to the MTA: read through _gil_releases(). */
+static atomic_ulong gil_releases;
+#define COUNT_RELEASE() atomic_fetch_add_explicit(&gil_releases, 1, memory_order_relaxed)
+
 /* Closed contexts whose references are dropped (and whose deferred close()
  * runs) at the next GIL hold of any callback, or at shutdown: a close that
  * needs no Python then answers without taking the GIL.  A lock-free stack. */
@@ -536,6 +541,7 @@ Context_addheader(ContextObject *self, PyObject *args)
         Py_DECREF(bn);
         return NULL;
     }
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     if (idx < 0)
         rc = smfi_addheader(self->ctx, PyBytes_AS_STRING(bn), PyBytes_AS_STRING(bv));
@@ -563,6 +569,7 @@ Context_chgheader(ContextObject *self, PyObject *args)
         Py_DECREF(bn);
         return NULL;
     }
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_chgheader(self->ctx, PyBytes_AS_STRING(bn), idx,
                         bv ? PyBytes_AS_STRING(bv) : NULL);
@@ -588,6 +595,7 @@ Context_addrcpt(ContextObject *self, PyObject *args)
         Py_DECREF(ba);
         return NULL;
     }
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     if (be != NULL)
         rc = smfi_addrcpt_par(self->ctx, PyBytes_AS_STRING(ba), PyBytes_AS_STRING(be));
@@ -615,6 +623,7 @@ Context_chgfrom(ContextObject *self, PyObject *args)
         Py_DECREF(ba);
         return NULL;
     }
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_chgfrom(self->ctx, PyBytes_AS_STRING(ba), be ? PyBytes_AS_STRING(be) : NULL);
     Py_END_ALLOW_THREADS
@@ -633,6 +642,7 @@ Context_delrcpt(ContextObject *self, PyObject *arg)
         return NULL;
     if ((b = encode(arg, "address")) == NULL)
         return NULL;
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_delrcpt(self->ctx, PyBytes_AS_STRING(b));
     Py_END_ALLOW_THREADS
@@ -655,6 +665,7 @@ Context_replacebody(ContextObject *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "replacebody: chunk too large");
         return NULL;
     }
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_replacebody(self->ctx, (unsigned char *)buf.buf, (int)buf.len);
     Py_END_ALLOW_THREADS
@@ -672,6 +683,7 @@ Context_quarantine(ContextObject *self, PyObject *arg)
         return NULL;
     if ((b = encode(arg, "reason")) == NULL)
         return NULL;
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_quarantine(self->ctx, PyBytes_AS_STRING(b));
     Py_END_ALLOW_THREADS
@@ -686,6 +698,7 @@ Context_progress(ContextObject *self, PyObject *Py_UNUSED(ignored))
 
     if (!usable(self, "progress", EOM_ONLY, 0))
         return NULL;
+    COUNT_RELEASE();
     Py_BEGIN_ALLOW_THREADS
     rc = smfi_progress(self->ctx);
     Py_END_ALLOW_THREADS
@@ -2269,6 +2282,12 @@ mod_gil_entries(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+mod_gil_releases(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLong(atomic_load(&gil_releases));
+}
+
+static PyObject *
 mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     unsigned int major = 0, minor = 0, patch = 0;
@@ -2386,6 +2405,8 @@ static PyMethodDef module_methods[] = {
     {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
     {"_gil_entries", mod_gil_entries, METH_NOARGS,
      "How many times libmilter callbacks took the GIL so far (for tests and benchmarks)."},
+    {"_gil_releases", mod_gil_releases, METH_NOARGS,
+     "How many times a Context action let go of the GIL to write to the MTA so far."},
     {"disarm_signal_thread", mod_disarm_signal_thread, METH_O,
      "Cancel libmilter's signal thread, given its Linux thread id; True if done."},
     {NULL, NULL, 0, NULL},
