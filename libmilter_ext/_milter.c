@@ -93,6 +93,7 @@ static struct {
 } S;
 
 struct pending;
+struct change;
 
 typedef struct ContextObject {
     PyObject_HEAD
@@ -121,6 +122,9 @@ typedef struct ContextObject {
     int close_deferred;    /* close() runs after the callback, at the next GIL hold */
     SMFICTX *closed_ctx;   /* while queued for release: the SMFICTX it was parked under */
     struct ContextObject *release_next;
+    /* Header changes made in eom, not sent yet, in call order (see perform). */
+    struct change *changes;
+    struct change **changes_end;
 } ContextObject;
 
 /* One deferred stage call, its arguments copied out of libmilter's buffers. */
@@ -256,6 +260,10 @@ static atomic_ulong gil_entries;
  * to the MTA: read through _gil_releases(). */
 static atomic_ulong gil_releases;
 #define COUNT_RELEASE() atomic_fetch_add_explicit(&gil_releases, 1, memory_order_relaxed)
+
+/* eoms whose queued header changes failed to go out after eom returned: read
+ * through _eom_write_failures(). */
+static atomic_ulong eom_write_failures;
 
 /* Closed contexts whose references are dropped (and whose deferred close()
  * runs) at the next GIL hold of any callback, or at shutdown: a close that
@@ -525,11 +533,163 @@ done:
     return res;
 }
 
+/* ---- writes to the MTA -------------------------------------------------- */
+
+/*
+ * The libmilter calls that write to the MTA, as data.  Header changes made in
+ * eom do not write at once: they wait on the context, in call order, and go
+ * out with the next other write (before it, in the same GIL release) or, if
+ * none comes, after eom returned and gave the GIL back (write_at_eom).  So eom
+ * lets go of the GIL once per other write at most, not once per header change:
+ * each hand-off costs futex calls and context switches on a busy milter.
+ */
+enum write_kind {
+    W_ADDHEADER, W_INSHEADER, W_CHGHEADER, W_ADDRCPT, W_ADDRCPT_PAR, W_DELRCPT,
+    W_CHGFROM, W_REPLACEBODY, W_QUARANTINE, W_PROGRESS,
+};
+
+static const char *const write_calls[] = {
+    "smfi_addheader", "smfi_insheader", "smfi_chgheader", "smfi_addrcpt",
+    "smfi_addrcpt_par", "smfi_delrcpt", "smfi_chgfrom", "smfi_replacebody",
+    "smfi_quarantine", "smfi_progress",
+};
+
+struct write {
+    int kind;
+    int idx;                 /* insheader, chgheader */
+    const char *s1, *s2;     /* name, value; address, ESMTP args; reason (s2 may be NULL) */
+    const unsigned char *body;
+    int len;
+};
+
+/* A header change queued in eom; its strings live in text. */
+struct change {
+    struct change *next;
+    struct write w;
+    char text[];
+};
+
+/* One libmilter call; no GIL. */
+static int
+write_one(SMFICTX *ctx, const struct write *w)
+{
+    char *s1 = (char *)w->s1, *s2 = (char *)w->s2;
+
+    switch (w->kind) {
+    case W_ADDHEADER: return smfi_addheader(ctx, s1, s2);
+    case W_INSHEADER: return smfi_insheader(ctx, w->idx, s1, s2);
+    case W_CHGHEADER: return smfi_chgheader(ctx, s1, w->idx, s2);
+    case W_ADDRCPT: return smfi_addrcpt(ctx, s1);
+    case W_ADDRCPT_PAR: return smfi_addrcpt_par(ctx, s1, s2);
+    case W_DELRCPT: return smfi_delrcpt(ctx, s1);
+    case W_CHGFROM: return smfi_chgfrom(ctx, s1, s2);
+    case W_REPLACEBODY: return smfi_replacebody(ctx, (unsigned char *)w->body, w->len);
+    case W_QUARANTINE: return smfi_quarantine(ctx, s1);
+    case W_PROGRESS: return smfi_progress(ctx);
+    }
+    return MI_FAILURE;
+}
+
+/* Send the queued changes in order, then w (if not NULL).  Returns the first
+ * write that failed (those after it are not sent: the connection is broken),
+ * or NULL.  No GIL. */
+static const struct write *
+write_all(SMFICTX *ctx, const struct change *q, const struct write *w)
+{
+    for (; q != NULL; q = q->next)
+        if (write_one(ctx, &q->w) != MI_SUCCESS)
+            return &q->w;
+    return w != NULL && write_one(ctx, w) != MI_SUCCESS ? w : NULL;
+}
+
+/* The context's queued changes, handed to the caller; GIL held. */
+static struct change *
+take_changes(ContextObject *c)
+{
+    struct change *q = c->changes;
+
+    c->changes = NULL;
+    c->changes_end = &c->changes;
+    return q;
+}
+
+/* No GIL needed. */
+static void
+free_changes(struct change *q)
+{
+    struct change *next;
+
+    for (; q != NULL; q = next) {
+        next = q->next;
+        PyMem_RawFree(q);
+    }
+}
+
+/* MilterError for a queued change that failed to go out; `when` says when. */
+static void
+queued_failed(const struct write *w, const char *when, const char *before)
+{
+    PyErr_Format(S.error, "%s failed for '%s' (a header change queued in eom, sent %s%s%s)",
+                 write_calls[w->kind], w->s1, when, before,
+                 *before ? ", which was not sent" : "");
+}
+
+/* An action that writes: the queued header changes, then w, with the GIL
+ * released once.  A queued change that fails is raised here. */
+static PyObject *
+perform(ContextObject *self, const struct write *w)
+{
+    SMFICTX *ctx = self->ctx;
+    struct change *q = take_changes(self);
+    const struct write *failed;
+
+    COUNT_RELEASE();
+    Py_BEGIN_ALLOW_THREADS
+    failed = write_all(ctx, q, w);
+    Py_END_ALLOW_THREADS
+    if (failed == w)
+        PyErr_Format(S.error, "%s failed", write_calls[w->kind]);
+    else if (failed != NULL)
+        queued_failed(failed, "before ", write_calls[w->kind]);
+    free_changes(q);
+    if (failed != NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/*
+ * Queue a header change made in eom (GIL held).  What libmilter would refuse
+ * before writing (an empty name, a negative index) is refused now, with the
+ * error it gave when the change was written at once.
+ */
+static PyObject *
+queue_change(ContextObject *self, int kind, int idx, PyObject *name, PyObject *value)
+{
+    size_t ln = (size_t)PyBytes_GET_SIZE(name) + 1;
+    size_t lv = value != NULL ? (size_t)PyBytes_GET_SIZE(value) + 1 : 0;
+    struct change *ch;
+
+    if (ln == 1 || (kind != W_ADDHEADER && idx < 0))
+        return check_result(MI_FAILURE, write_calls[kind]);
+    if ((ch = PyMem_RawMalloc(sizeof *ch + ln + lv)) == NULL)
+        return PyErr_NoMemory();
+    memcpy(ch->text, PyBytes_AS_STRING(name), ln);
+    if (value != NULL)
+        memcpy(ch->text + ln, PyBytes_AS_STRING(value), lv);
+    ch->w = (struct write){.kind = kind, .idx = idx, .s1 = ch->text,
+                           .s2 = value != NULL ? ch->text + ln : NULL};
+    ch->next = NULL;
+    *self->changes_end = ch;
+    self->changes_end = &ch->next;
+    Py_RETURN_NONE;
+}
+
+/* addheader(name, value, idx=-1): queued (see above) */
 static PyObject *
 Context_addheader(ContextObject *self, PyObject *args)
 {
-    PyObject *name, *value, *bn, *bv;
-    int idx = -1, rc;
+    PyObject *name, *value, *bn, *bv, *res = NULL;
+    int idx = -1;
 
     if (!PyArg_ParseTuple(args, "OO|i:addheader", &name, &value, &idx))
         return NULL;
@@ -537,27 +697,19 @@ Context_addheader(ContextObject *self, PyObject *args)
         return NULL;
     if ((bn = encode(name, "header name")) == NULL)
         return NULL;
-    if ((bv = encode(value, "header value")) == NULL) {
-        Py_DECREF(bn);
-        return NULL;
-    }
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    if (idx < 0)
-        rc = smfi_addheader(self->ctx, PyBytes_AS_STRING(bn), PyBytes_AS_STRING(bv));
-    else
-        rc = smfi_insheader(self->ctx, idx, PyBytes_AS_STRING(bn), PyBytes_AS_STRING(bv));
-    Py_END_ALLOW_THREADS
+    if ((bv = encode(value, "header value")) != NULL)
+        res = queue_change(self, idx < 0 ? W_ADDHEADER : W_INSHEADER, idx, bn, bv);
     Py_DECREF(bn);
-    Py_DECREF(bv);
-    return check_result(rc, idx < 0 ? "smfi_addheader" : "smfi_insheader");
+    Py_XDECREF(bv);
+    return res;
 }
 
+/* chgheader(name, idx, value=None): queued (see above) */
 static PyObject *
 Context_chgheader(ContextObject *self, PyObject *args)
 {
-    PyObject *name, *value = Py_None, *bn, *bv;
-    int idx, rc;
+    PyObject *name, *value = Py_None, *bn, *bv, *res = NULL;
+    int idx;
 
     if (!PyArg_ParseTuple(args, "Oi|O:chgheader", &name, &idx, &value))
         return NULL;
@@ -565,96 +717,70 @@ Context_chgheader(ContextObject *self, PyObject *args)
         return NULL;
     if ((bn = encode(name, "header name")) == NULL)
         return NULL;
-    if (encode_opt(value, "header value", &bv) < 0) {
-        Py_DECREF(bn);
-        return NULL;
-    }
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    rc = smfi_chgheader(self->ctx, PyBytes_AS_STRING(bn), idx,
-                        bv ? PyBytes_AS_STRING(bv) : NULL);
-    Py_END_ALLOW_THREADS
+    if (encode_opt(value, "header value", &bv) == 0)
+        res = queue_change(self, W_CHGHEADER, idx, bn, bv);
     Py_DECREF(bn);
     Py_XDECREF(bv);
-    return check_result(rc, "smfi_chgheader");
+    return res;
+}
+
+/* The actions on an address with optional ESMTP arguments. */
+static PyObject *
+address_write(ContextObject *self, int kind, PyObject *addr, PyObject *esmtp)
+{
+    PyObject *ba, *be, *res = NULL;
+    struct write w = {.kind = kind};
+
+    if ((ba = encode(addr, "address")) == NULL)
+        return NULL;
+    if (encode_opt(esmtp, "ESMTP arguments", &be) == 0) {
+        w.s1 = PyBytes_AS_STRING(ba);
+        w.s2 = be != NULL ? PyBytes_AS_STRING(be) : NULL;
+        res = perform(self, &w);
+    }
+    Py_DECREF(ba);
+    Py_XDECREF(be);
+    return res;
 }
 
 static PyObject *
 Context_addrcpt(ContextObject *self, PyObject *args)
 {
-    PyObject *addr, *esmtp = Py_None, *ba, *be;
-    int rc;
+    PyObject *addr, *esmtp = Py_None;
 
     if (!PyArg_ParseTuple(args, "O|O:addrcpt", &addr, &esmtp))
         return NULL;
     if (!usable(self, "addrcpt", EOM_ONLY, esmtp == Py_None ? SMFIF_ADDRCPT : SMFIF_ADDRCPT_PAR))
         return NULL;
-    if ((ba = encode(addr, "address")) == NULL)
-        return NULL;
-    if (encode_opt(esmtp, "ESMTP arguments", &be) < 0) {
-        Py_DECREF(ba);
-        return NULL;
-    }
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    if (be != NULL)
-        rc = smfi_addrcpt_par(self->ctx, PyBytes_AS_STRING(ba), PyBytes_AS_STRING(be));
-    else
-        rc = smfi_addrcpt(self->ctx, PyBytes_AS_STRING(ba));
-    Py_END_ALLOW_THREADS
-    Py_DECREF(ba);
-    Py_XDECREF(be);
-    return check_result(rc, be != NULL ? "smfi_addrcpt_par" : "smfi_addrcpt");
+    return address_write(self, esmtp == Py_None ? W_ADDRCPT : W_ADDRCPT_PAR, addr, esmtp);
 }
 
 static PyObject *
 Context_chgfrom(ContextObject *self, PyObject *args)
 {
-    PyObject *addr, *esmtp = Py_None, *ba, *be;
-    int rc;
+    PyObject *addr, *esmtp = Py_None;
 
     if (!PyArg_ParseTuple(args, "O|O:chgfrom", &addr, &esmtp))
         return NULL;
     if (!usable(self, "chgfrom", EOM_ONLY, SMFIF_CHGFROM))
         return NULL;
-    if ((ba = encode(addr, "address")) == NULL)
-        return NULL;
-    if (encode_opt(esmtp, "ESMTP arguments", &be) < 0) {
-        Py_DECREF(ba);
-        return NULL;
-    }
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    rc = smfi_chgfrom(self->ctx, PyBytes_AS_STRING(ba), be ? PyBytes_AS_STRING(be) : NULL);
-    Py_END_ALLOW_THREADS
-    Py_DECREF(ba);
-    Py_XDECREF(be);
-    return check_result(rc, "smfi_chgfrom");
+    return address_write(self, W_CHGFROM, addr, esmtp);
 }
 
 static PyObject *
 Context_delrcpt(ContextObject *self, PyObject *arg)
 {
-    PyObject *b;
-    int rc;
-
     if (!usable(self, "delrcpt", EOM_ONLY, SMFIF_DELRCPT))
         return NULL;
-    if ((b = encode(arg, "address")) == NULL)
-        return NULL;
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    rc = smfi_delrcpt(self->ctx, PyBytes_AS_STRING(b));
-    Py_END_ALLOW_THREADS
-    Py_DECREF(b);
-    return check_result(rc, "smfi_delrcpt");
+    return address_write(self, W_DELRCPT, arg, Py_None);
 }
 
 static PyObject *
 Context_replacebody(ContextObject *self, PyObject *arg)
 {
     Py_buffer buf;
-    int rc;
+    PyObject *res;
+    struct write w = {.kind = W_REPLACEBODY};
 
     if (!usable(self, "replacebody", EOM_ONLY, SMFIF_CHGBODY))
         return NULL;
@@ -665,44 +791,38 @@ Context_replacebody(ContextObject *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "replacebody: chunk too large");
         return NULL;
     }
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    rc = smfi_replacebody(self->ctx, (unsigned char *)buf.buf, (int)buf.len);
-    Py_END_ALLOW_THREADS
+    w.body = buf.buf;
+    w.len = (int)buf.len;
+    res = perform(self, &w);
     PyBuffer_Release(&buf);
-    return check_result(rc, "smfi_replacebody");
+    return res;
 }
 
 static PyObject *
 Context_quarantine(ContextObject *self, PyObject *arg)
 {
-    PyObject *b;
-    int rc;
+    PyObject *b, *res;
+    struct write w = {.kind = W_QUARANTINE};
 
     if (!usable(self, "quarantine", EOM_ONLY, SMFIF_QUARANTINE))
         return NULL;
     if ((b = encode(arg, "reason")) == NULL)
         return NULL;
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    rc = smfi_quarantine(self->ctx, PyBytes_AS_STRING(b));
-    Py_END_ALLOW_THREADS
+    w.s1 = PyBytes_AS_STRING(b);
+    res = perform(self, &w);
     Py_DECREF(b);
-    return check_result(rc, "smfi_quarantine");
+    return res;
 }
 
+/* progress(): reaches the MTA at once (with the queued changes before it). */
 static PyObject *
 Context_progress(ContextObject *self, PyObject *Py_UNUSED(ignored))
 {
-    int rc;
+    struct write w = {.kind = W_PROGRESS};
 
     if (!usable(self, "progress", EOM_ONLY, 0))
         return NULL;
-    COUNT_RELEASE();
-    Py_BEGIN_ALLOW_THREADS
-    rc = smfi_progress(self->ctx);
-    Py_END_ALLOW_THREADS
-    return check_result(rc, "smfi_progress");
+    return perform(self, &w);
 }
 
 /* Only header fields with these names reach Python; the others are answered in
@@ -864,6 +984,7 @@ Context_dealloc(ContextObject *self)
 {
     PyObject_GC_UnTrack(self);
     drop_pending(self);
+    free_changes(take_changes(self)); /* none: eom sends or drops its own */
     Context_clear(self);
     entry_put(self->entry);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -991,6 +1112,8 @@ alloc_context(void)
     c->close_deferred = 0;
     c->closed_ctx = NULL;
     c->release_next = NULL;
+    c->changes = NULL;
+    c->changes_end = &c->changes;
     PyObject_GC_Track(c);
     return c;
 }
@@ -1358,11 +1481,46 @@ answer_deferred(ContextObject *c, int stage, const void *args, sfsistat *r)
     return 1;
 }
 
+/*
+ * The header changes eom queued, sent once its method (and the error path, if
+ * it raised) has returned and the GIL is given back, before libmilter sends
+ * the verdict r.  A failure cannot be raised any more (the MTA connection is
+ * broken: libmilter's reply fails too): it is counted (_eom_write_failures)
+ * and, with the GIL taken again, reported through the stage's error path (the
+ * error hook: on_exception), whose fail-safe verdict replaces r.  What that
+ * path queues itself is dropped.
+ */
+static sfsistat
+write_at_eom(SMFICTX *ctx, ContextObject *c, struct change *q, sfsistat r)
+{
+    const struct write *failed = write_all(ctx, q, NULL);
+    PyGILState_STATE gs;
+
+    if (failed == NULL) {
+        free_changes(q);
+        return r;
+    }
+    atomic_fetch_add(&eom_write_failures, 1);
+    if (!gil_enter(&gs)) {
+        free_changes(q);
+        return SMFIS_TEMPFAIL;
+    }
+    queued_failed(failed, "when eom returned", "");
+    free_changes(q);
+    c->stage = ST_EOM;
+    r = failsafe(c, ST_EOM);
+    c->stage = ST_IDLE;
+    free_changes(take_changes(c));
+    gil_leave(gs);
+    return r;
+}
+
 static sfsistat
 dispatch(SMFICTX *ctx, int stage, stage_call call, const void *args)
 {
     PyGILState_STATE gs;
     ContextObject *c = (ContextObject *)smfi_getpriv(ctx);
+    struct change *q = NULL;
     sfsistat r;
 
     if (c != NULL && is_deferred(c, stage) && answer_deferred(c, stage, args, &r))
@@ -1376,9 +1534,10 @@ dispatch(SMFICTX *ctx, int stage, stage_call call, const void *args)
             r = finish(c, stage, SMFIS_CONTINUE);
         else
             r = finish(c, stage, as_verdict(c, stage, call(c, stage, args)));
+        q = take_changes(c); /* only eom queues */
     }
     gil_leave(gs);
-    return r;
+    return q != NULL ? write_at_eom(ctx, c, q, r) : r;
 }
 
 static PyObject *
@@ -2288,6 +2447,12 @@ mod_gil_releases(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+mod_eom_write_failures(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLong(atomic_load(&eom_write_failures));
+}
+
+static PyObject *
 mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     unsigned int major = 0, minor = 0, patch = 0;
@@ -2407,6 +2572,8 @@ static PyMethodDef module_methods[] = {
      "How many times libmilter callbacks took the GIL so far (for tests and benchmarks)."},
     {"_gil_releases", mod_gil_releases, METH_NOARGS,
      "How many times a Context action let go of the GIL to write to the MTA so far."},
+    {"_eom_write_failures", mod_eom_write_failures, METH_NOARGS,
+     "How many eoms could not send their queued header changes after returning."},
     {"disarm_signal_thread", mod_disarm_signal_thread, METH_O,
      "Cancel libmilter's signal thread, given its Linux thread id; True if done."},
     {NULL, NULL, 0, NULL},

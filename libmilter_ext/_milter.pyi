@@ -62,6 +62,8 @@ def _gil_entries() -> int:
     """How many times libmilter callbacks took the GIL since the module was loaded."""
 def _gil_releases() -> int:
     """How many times a Context action let go of the GIL to write to the MTA."""
+def _eom_write_failures() -> int:
+    """How many eoms could not send their queued header changes once they returned."""
 def disarm_signal_thread(tid: int, /) -> bool: ...
 
 SMFIS_CONTINUE: int

@@ -1,5 +1,6 @@
-"""spfmilter's daemon, plus SIGUSR1: append the GIL entries of libmilter's
-callbacks so far to the file named by the first argument.
+"""spfmilter's daemon, plus SIGUSR1: append "ENTRIES RELEASES" so far (the GIL
+entries of libmilter's callbacks, the GIL releases of Context actions) to the
+file named by the first argument.
 
 Usage: gil_spfmilter.py COUNT_FILE SPFMILTER_ARGS...
 """
@@ -17,7 +18,7 @@ count_file = sys.argv.pop(1)
 
 def report(signum, frame) -> None:
     with open(count_file, "a") as out:
-        out.write(f"{_milter._gil_entries()}\n")
+        out.write(f"{_milter._gil_entries()} {_milter._gil_releases()}\n")
 
 
 signal.signal(signal.SIGUSR1, report)
