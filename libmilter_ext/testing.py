@@ -102,7 +102,9 @@ class Response:
     ``skipped`` (stage negotiated away or nothing to send).  ``lines`` are the
     reply's text lines without the code prefixes; ``text`` joins them with
     ``"\\n"``.  End of message also fills ``modifications`` and ``progress``
-    (the number of SMFIR_PROGRESS packets).
+    (the number of SMFIR_PROGRESS packets).  ``packets`` are the (command,
+    data) packets of the reply as they came, the verdict last: the exact
+    command stream the MTA saw.
     """
 
     action: str
@@ -113,6 +115,7 @@ class Response:
     lines: list[str] = field(default_factory=list)
     modifications: list[Modification] = field(default_factory=list)
     progress: int = 0
+    packets: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     @property
     def continues(self) -> bool:
@@ -504,8 +507,20 @@ class MilterClient:
 
     def eom(self, macros: Macros | None = None) -> Response:
         """Send end of message; collects modifications until the final verdict."""
-        self._sendall(_macro_packet(P.SMFIC_BODYEOB, macros) + _packet(P.SMFIC_BODYEOB), "eom")
+        self.send_eom(macros)
         return self._read_reply("eom", modifications=True)
+
+    def send_eom(self, macros: Macros | None = None) -> None:
+        """Send end of message without waiting for the reply (see ``hang_up``)."""
+        self._sendall(_macro_packet(P.SMFIC_BODYEOB, macros) + _packet(P.SMFIC_BODYEOB), "eom")
+
+    def read_packet(self) -> tuple[bytes, bytes]:
+        """One packet the milter sent, as (command, data): to follow a reply as it comes."""
+        return self._read_packet("read_packet")
+
+    def hang_up(self) -> None:
+        """Close the connection at once, without SMFIC_QUIT: an MTA that gave up."""
+        self._drop()
 
     def stray(self) -> bytes:
         """Bytes the milter sent that no reply took up, read without waiting.
@@ -659,12 +674,15 @@ class MilterClient:
 
     def _read_reply(self, stage: str, modifications: bool = False) -> Response:
         mods: list[Modification] = []
+        packets: list[tuple[bytes, bytes]] = []
         progress = 0
         while True:
             cmd, data = self._read_packet(stage)
+            packets.append((cmd, data))
             action = _VERDICTS.get(cmd)
             if action is not None:
-                response = Response(action, stage, modifications=mods, progress=progress)
+                response = Response(action, stage, modifications=mods, progress=progress,
+                                    packets=packets)
                 if cmd == P.SMFIR_REPLYCODE:
                     _parse_reply_text(response, data)
                 return response
