@@ -273,7 +273,11 @@ class Milter:
         return CONTINUE
 
     def eom(self) -> int:
-        """End of message: the only place for header/recipient/body actions."""
+        """End of message: the only place for header/recipient/body actions.
+
+        Header changes wait in C and reach the MTA, in call order, before the
+        next other action that writes to it or when eom returns (see addheader).
+        """
         return CONTINUE
 
     def abort(self) -> None:
@@ -391,11 +395,25 @@ class Milter:
         self._ctx.setreply(rcode, xcode, *safe)
 
     def addheader(self, name: str, value: str | bytes, idx: int = -1) -> None:
-        """Append a header, or insert it at position idx (0 = top)."""
+        """Append a header, or insert it at position idx (0 = top).
+
+        Checked now (errors are raised here), sent later: header changes wait
+        in C and reach the MTA, in call order, just before the next other
+        action that writes to it (addrcpt, delrcpt, chgfrom, replacebody,
+        quarantine, progress) or when eom returns, before its verdict -- so
+        eom keeps the GIL instead of handing it over once per change.  If a
+        waiting change cannot be sent (the MTA hung up), that next action
+        raises MilterError naming it; after eom returned, on_exception() is
+        told and the fail-safe verdict answers.
+        """
         self._ctx.addheader(name, value, idx)
 
     def chgheader(self, name: str, idx: int, value: str | bytes | None = None) -> None:
-        """Change the idx-th (1-based) field called name; value None deletes it."""
+        """Change the idx-th (1-based) field called name; value None deletes it.
+
+        Sent as addheader's changes are: before the next other write, or when
+        eom returns.
+        """
         self._ctx.chgheader(name, idx, value)
 
     def addrcpt(self, recipient: str, params: str | None = None) -> None:
@@ -419,7 +437,11 @@ class Milter:
         self._ctx.quarantine(reason)
 
     def progress(self) -> None:
-        """Tell the MTA we are still working (resets its timeout)."""
+        """Tell the MTA we are still working (resets its timeout); sent at once.
+
+        Queued header changes go out just before it; they do not reset the
+        MTA's timeout by themselves until then (see addheader).
+        """
         self._ctx.progress()
 
 

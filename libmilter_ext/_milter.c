@@ -22,6 +22,9 @@
  * deferred stages (answer CONTINUE, arguments copied, the method run by the
  * next stage that takes the GIL: run_pending), filtered header fields, and a
  * close whose Python work can wait (the context queued for release_closed).
+ * For the same reason eom's header changes do not each release the GIL to
+ * write: they are queued on the context and sent with the next other write,
+ * or after eom returned and gave the GIL back (perform, write_at_eom).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
