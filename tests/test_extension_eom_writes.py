@@ -330,3 +330,18 @@ def test_eom_header_changes_release_the_gil_only_for_other_writes(scripted):
     _run(scripted, {"do": [["add", "X-1", "a"], ["addrcpt", "<n@x>"], ["add", "X-2", "b"],
                            ["progress"]], "end": "continue"})
     assert _counters(scripted)[0] == before + 2
+
+
+def test_queued_changes_are_freed(scripted):
+    script = {"do": [["add", "X-A", "a" * 200], ["ins", 0, "X-B", "b"],
+                     ["chg", "Subject", 1, None], ["addrcpt", "<n@x>"], ["add", "X-C", "c"]],
+              "end": "continue"}
+
+    def burst(n: int) -> None:
+        for _ in range(n):
+            assert len(_run(scripted, script).packets) == 6
+
+    burst(1000)
+    before = scripted.rss_kib()
+    burst(5000)  # 20,000 changes queued, ~100 bytes and more each
+    assert scripted.rss_kib() - before < 1024
