@@ -104,7 +104,7 @@ class Response:
     ``"\\n"``.  End of message also fills ``modifications`` and ``progress``
     (the number of SMFIR_PROGRESS packets).  ``packets`` are the (command,
     data) packets of the reply as they came, the verdict last: the exact
-    command stream the MTA saw.
+    command stream the MTA saw (left out of ``==`` and ``repr``).
     """
 
     action: str
@@ -115,7 +115,7 @@ class Response:
     lines: list[str] = field(default_factory=list)
     modifications: list[Modification] = field(default_factory=list)
     progress: int = 0
-    packets: list[tuple[bytes, bytes]] = field(default_factory=list)
+    packets: list[tuple[bytes, bytes]] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def continues(self) -> bool:
