@@ -28,7 +28,13 @@ relies on it and does the rest with dnspython's own parts:
   answers are parsed whole, for the SOA (RFC 2308) and EDNS rcode;
 * the wait for an answer is a recv on a blocking socket bounded by
   SO_RCVTIMEO (a Python socket timeout would poll before each send and recv:
-  more GIL hand-offs between libmilter's threads).
+  more GIL hand-offs between libmilter's threads);
+* where the C helper :mod:`spfmilter._udp` is built, the query goes out with
+  the GIL held and the GIL is let go once per try, around the wait
+  (``socket.send`` lets go of it too, though a datagram on a connected socket
+  never waits: one hand-off more per query between libmilter's threads).
+  Without the helper, or with ``native=False``, the socket module's send and
+  recv do the same.
 
 Sockets.  Each thread keeps one connected UDP socket per server and uses it
 for up to :data:`SOCKET_USES` queries, then takes a new one (a new source
@@ -50,8 +56,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional
 
 import dns.exception
 import dns.flags
@@ -69,6 +75,11 @@ import dns.wire
 
 from .nameserver import parse_wire, read_exact
 
+try:
+    from ._udp import exchange as _exchange
+except ImportError:  # not built (no C compiler at install): the socket module's calls
+    _exchange = None
+
 #: UDP payload size we advertise with EDNS (the DNS flag day 2020 value).
 EDNS_PAYLOAD = 1232
 #: How long one try waits for one server (dnspython's Resolver default).
@@ -76,6 +87,8 @@ ATTEMPT_TIMEOUT = 2.0
 #: Queries one UDP socket (one source port) carries before it is replaced.
 SOCKET_USES = 32
 MAX_UDP = 65535
+#: spfmilter._udp.exchange's signature: (fd, datagram or None, timeout) -> datagram.
+_Exchange = Callable[[int, Optional[bytes], float], bytes]
 _HEADER = struct.Struct("!HHHHHH")
 _IDS = struct.Struct("!64H")  # query IDs drawn at once per thread
 _ERROR_RCODES_WITHOUT_QUESTION = frozenset(
@@ -138,6 +151,8 @@ def _receive_timeout_works() -> bool:
 #: lets go of the GIL: four hand-offs per query between libmilter's threads
 #: instead of two.  Where the probe fails, the Python timeout as before.
 _RECEIVE_TIMEOUT = _receive_timeout_works()
+#: spfmilter._udp.exchange where it is built and SO_RCVTIMEO works (it waits with it).
+NATIVE_EXCHANGE = _exchange if _RECEIVE_TIMEOUT else None
 
 
 class _Socket:
@@ -147,8 +162,10 @@ class _Socket:
         self.sock = socket.socket(dns.inet.af_for_address(address[0]), socket.SOCK_DGRAM)
         self.uses = 0
         try:
-            if _RECEIVE_TIMEOUT:
-                self.sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout says
+            if _RECEIVE_TIMEOUT and socket.getdefaulttimeout() is not None:
+                # blocking, whatever socket.setdefaulttimeout says (settimeout lets go of
+                # the GIL: a new socket is blocking unless a default timeout was set)
+                self.sock.settimeout(None)
             self.sock.connect(address)  # only the server's datagrams reach it
         except BaseException:
             self.sock.close()
@@ -307,16 +324,20 @@ class DnsClient:
     """Asks one question of *servers* ((address, port) pairs) within a deadline.
 
     ``rotate``: start at a random server each lookup (resolv.conf's option).
+    ``native``: send and wait through :mod:`spfmilter._udp` where it is built
+    (:data:`NATIVE_EXCHANGE`); False: the socket module's send and recv.
     One instance serves all threads.
     """
 
     def __init__(self, servers: Sequence[tuple[str, int]], *,
-                 attempt_timeout: float = ATTEMPT_TIMEOUT, rotate: bool = False) -> None:
+                 attempt_timeout: float = ATTEMPT_TIMEOUT, rotate: bool = False,
+                 native: bool = True) -> None:
         if not servers:
             raise ValueError("no name servers")
         self.servers = [(host, int(port)) for host, port in servers]
         self.attempt_timeout = attempt_timeout
         self.rotate = rotate
+        self.exchange = NATIVE_EXCHANGE if native else None
         self._local = threading.local()
 
     def query(self, qname: dns.name.Name, rdtype: int, deadline: float) -> Reply:
@@ -379,7 +400,8 @@ class DnsClient:
         udp.uses += 1
         clean = False
         try:
-            reply, clean = self._udp(udp.sock, wire, qid, qname, rdtype, until, question)
+            reply, clean = self._udp(udp.sock, wire, qid, qname, rdtype, until, question,
+                                     self.exchange)
         finally:
             if not clean or udp.uses >= SOCKET_USES:
                 del sockets[server]
@@ -390,17 +412,30 @@ class DnsClient:
 
     @staticmethod
     def _udp(sock: socket.socket, wire: bytes, qid: int, qname: dns.name.Name,
-             rdtype: int, until: float, question: bytes) -> tuple[Reply | None, bool]:
+             rdtype: int, until: float, question: bytes,
+             exchange: _Exchange | None) -> tuple[Reply | None, bool]:
         """(the answer over UDP or None when it was truncated, whether the socket
-        saw nothing but it); raises on a timeout or an error."""
-        sock.send(wire)
+        saw nothing but it); raises on a timeout or an error.
+
+        *exchange*: :data:`NATIVE_EXCHANGE` (it sends *wire* with the first wait)
+        or None (socket.send, then socket.recv).
+        """
+        unsent: bytes | None = wire
+        if exchange is None:
+            sock.send(wire)
+            unsent = None
         clean = True
         while True:
             left = until - time.monotonic()
             if left <= 0:
+                if unsent is not None:
+                    sock.send(unsent)  # as the socket module's path: sent, then timed out
                 raise dns.exception.Timeout(timeout=0)
             try:
-                if _RECEIVE_TIMEOUT:  # the kernel waits: one GIL release, not poll + recv
+                if exchange is not None:  # one GIL release: the wait (and any send's)
+                    data = exchange(sock.fileno(), unsent, left)
+                    unsent = None
+                elif _RECEIVE_TIMEOUT:  # the kernel waits: one GIL release, not poll + recv
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
                     data = sock.recv(MAX_UDP)
                 else:

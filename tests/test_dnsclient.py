@@ -9,9 +9,11 @@ first), and records where each query came from.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +34,11 @@ from spfmilter.dnsclient import SOCKET_USES, DnsClient, ServerFailure, _Bad, _re
 from spfmilter.nameserver import parse_wire
 from spfmilter.spfcheck import _negative_ttl
 from tests.dnsserver import DnsServer
+
+try:
+    from spfmilter import _udp
+except ImportError:  # the 'native' fixture fails the transport tests then
+    _udp = None
 
 EXAMPLES = int(os.environ.get("SPFMILTER_HYPOTHESIS_EXAMPLES", "200"))
 TXT = dns.rdatatype.TXT
@@ -235,6 +242,14 @@ class Responder:
             self.sock.sendto(answer, client)
 
 
+@pytest.fixture(params=[True, False], ids=["helper", "socket-module"])
+def native(request) -> bool:
+    """Each transport test runs on spfmilter._udp and on the socket module's calls."""
+    if request.param:
+        assert dnsclient.NATIVE_EXCHANGE is not None, "spfmilter._udp is not built"
+    return request.param
+
+
 @pytest.fixture
 def responders(dns_server: DnsServer) -> Iterator[list[Responder]]:
     made: list[Responder] = []
@@ -258,8 +273,8 @@ def _ask(client: DnsClient, name: str = "pass.spf.test", seconds: float = 5.0
     return client.query(dns.name.from_text(name), TXT, time.monotonic() + seconds)
 
 
-def test_answers_from_the_server(dns_server: DnsServer) -> None:
-    client = DnsClient(dns_server.addresses)
+def test_answers_from_the_server(dns_server: DnsServer, native: bool) -> None:
+    client = DnsClient(dns_server.addresses, native=native)
     assert _spf_text(_ask(client)).startswith(b"v=spf1")
     nx = _ask(client, "nxdomain.spf.test")
     assert (nx.rrset, nx.nxdomain) == (None, True)
@@ -268,18 +283,18 @@ def test_answers_from_the_server(dns_server: DnsServer) -> None:
     assert len(_spf_text(long)) > 1232
 
 
-def test_datagrams_that_are_not_the_answer_are_ignored(responders) -> None:
+def test_datagrams_that_are_not_the_answer_are_ignored(responders, native: bool) -> None:
     foreign = responders("foreign")
-    client = DnsClient([foreign.address])
+    client = DnsClient([foreign.address], native=native)
     assert _spf_text(_ask(client)).startswith(b"v=spf1")
     _ask(client)
     # the socket that saw them is not used again: a new source port
     assert foreign.sources[0][1] != foreign.sources[1][1]
 
 
-def test_one_socket_serves_a_thread_for_a_while(responders) -> None:
+def test_one_socket_serves_a_thread_for_a_while(responders, native: bool) -> None:
     relay = responders("pass")
-    client = DnsClient([relay.address])
+    client = DnsClient([relay.address], native=native)
     for _ in range(SOCKET_USES + 1):
         _ask(client)
     ports = [port for _host, port in relay.sources]
@@ -294,16 +309,19 @@ def test_one_socket_serves_a_thread_for_a_while(responders) -> None:
 
 
 @pytest.mark.parametrize("mode", ["silent", "servfail"])
-def test_a_failing_server_is_passed_over(responders, dns_server: DnsServer, mode: str) -> None:
+def test_a_failing_server_is_passed_over(responders, dns_server: DnsServer, mode: str,
+                                        native: bool) -> None:
     bad = responders(mode)
-    client = DnsClient([bad.address, (dns_server.host, dns_server.port)], attempt_timeout=0.3)
+    client = DnsClient([bad.address, (dns_server.host, dns_server.port)], attempt_timeout=0.3,
+                       native=native)
     assert _spf_text(_ask(client)).startswith(b"v=spf1")
     assert len(bad.sources) == 1
 
 
-def test_servers_that_never_answer_are_asked_again_until_the_deadline(responders) -> None:
+def test_servers_that_never_answer_are_asked_again_until_the_deadline(responders,
+                                                                      native: bool) -> None:
     first, second = responders("silent"), responders("silent")
-    client = DnsClient([first.address, second.address], attempt_timeout=0.2)
+    client = DnsClient([first.address, second.address], attempt_timeout=0.2, native=native)
     started = time.monotonic()
     with pytest.raises(dns.exception.Timeout):
         _ask(client, seconds=1.2)
@@ -311,9 +329,9 @@ def test_servers_that_never_answer_are_asked_again_until_the_deadline(responders
     assert len(first.sources) >= 2 and len(second.sources) >= 2  # around again, after backoff
 
 
-def test_every_server_failing_is_a_server_failure(responders) -> None:
+def test_every_server_failing_is_a_server_failure(responders, native: bool) -> None:
     first, second = responders("servfail"), responders("servfail")
-    client = DnsClient([first.address, second.address])
+    client = DnsClient([first.address, second.address], native=native)
     with pytest.raises(ServerFailure) as info:
         _ask(client)
     assert not info.value.chain_too_long
@@ -321,8 +339,103 @@ def test_every_server_failing_is_a_server_failure(responders) -> None:
     assert (len(first.sources), len(second.sources)) == (1, 1)  # each asked once
 
 
-def test_a_cname_loop_is_told_apart(dns_server: DnsServer) -> None:
+def test_a_cname_loop_is_told_apart(dns_server: DnsServer, native: bool) -> None:
     with pytest.raises(ServerFailure) as info:
-        DnsClient(dns_server.addresses).query(dns.name.from_text("loop1.compat.test"),
-                                              dns.rdatatype.A, time.monotonic() + 5)
+        DnsClient(dns_server.addresses, native=native).query(
+            dns.name.from_text("loop1.compat.test"), dns.rdatatype.A, time.monotonic() + 5)
     assert info.value.chain_too_long
+
+
+# -- GIL releases per query ------------------------------------------------------
+
+#: Builtins that let go of the GIL (Py_BEGIN_ALLOW_THREADS in CPython's socket,
+#: posix and time modules, and spfmilter._udp.exchange), by name.
+_RELEASING = {"send", "sendall", "sendto", "recv", "recvfrom", "recv_into", "connect",
+              "close", "settimeout", "setblocking", "sleep", "urandom", "getrandom",
+              "exchange", "poll", "select"}
+
+
+def _releasing_calls(action) -> list[str]:
+    """The GIL-releasing builtins *action* calls, in order (a profile hook sees each)."""
+    calls: list[str] = []
+
+    def hook(_frame, event, arg) -> None:
+        if event == "c_call" and arg.__name__ in _RELEASING and arg.__name__ != "setprofile":
+            calls.append(arg.__name__)
+
+    sys.setprofile(hook)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_query_lets_go_of_the_gil_once(dns_server: DnsServer, native: bool) -> None:
+    """On a thread's socket, one try makes one GIL release with the helper (the wait:
+    the send goes out with the GIL held), two without (socket.send, socket.recv)."""
+    client = DnsClient(dns_server.addresses, native=native)
+    _ask(client)  # the socket is made (socket, connect) and the query IDs drawn
+    names = iter(f"q{n}.pass.spf.test" for n in range(10))
+    before = _udp.stats() if _udp is not None else (0, 0)
+    per_query = [_releasing_calls(lambda: _ask(client, next(names))) for _ in range(10)]
+    after = _udp.stats() if _udp is not None else (0, 0)
+    if native:
+        assert per_query == [["exchange"]] * 10
+        assert (after[0] - before[0], after[1] - before[1]) == (10, 10)  # one release each
+    else:
+        assert per_query == [["send", "recv"]] * 10
+        assert after == before
+
+
+@pytest.fixture
+def udp():
+    """spfmilter._udp; scripts/setup builds it (with libmilter_ext._milter)."""
+    assert _udp is not None, "spfmilter._udp is not built"
+    return _udp
+
+
+def test_exchange_on_a_full_send_buffer_still_releases_once(udp) -> None:
+    """EAGAIN with the GIL held: the send waits for room in the one released section."""
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, peer:
+        ours.setblocking(False)
+        queued = 0
+        while True:  # fill the peer's queue (net.unix.max_dgram_qlen)
+            try:
+                ours.send(b"filler")
+            except BlockingIOError:
+                break
+            queued += 1
+        ours.setblocking(True)
+
+        def drain_then_answer() -> None:
+            got = [peer.recv(100) for _ in range(queued + 1)]
+            peer.send(b"answer to " + got[-1])
+
+        thread = threading.Thread(target=drain_then_answer)
+        before = udp.stats()
+        thread.start()
+        assert udp.exchange(ours.fileno(), b"query", 10.0) == b"answer to query"
+        thread.join(10)
+        after = udp.stats()
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+
+
+def test_exchange_fails_as_the_socket_module_does(udp) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))  # nothing listens: ICMP port unreachable
+        with pytest.raises(ConnectionRefusedError):
+            udp.exchange(sock.fileno(), b"query", 5.0)
+        with pytest.raises(BlockingIOError):  # nothing came within the timeout
+            udp.exchange(sock.fileno(), None, 0.05)
+        with pytest.raises(ValueError):
+            udp.exchange(sock.fileno(), None, 0.0)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(OSError) as info:
+        udp.exchange(fd, b"query", 1.0)  # closed: EBADF
+    assert info.value.errno == errno.EBADF
