@@ -189,7 +189,9 @@ class Responder:
 
     pass: relays.  silent: never answers.  servfail: answers SERVFAIL.
     foreign: before the answer, sends it with another ID and an answer to
-    another question.  ``sources`` lists the client address of every query.
+    another question.  pair: holds each query until a second one came, then
+    relays both (two queries under way at once).  ``sources`` lists the
+    client address of every query.
     """
 
     def __init__(self, upstream: tuple[str, int], mode: str = "pass") -> None:
@@ -216,6 +218,7 @@ class Responder:
             return up.recv(65535)
 
     def _serve(self) -> None:
+        held: list[tuple[bytes, tuple[str, int]]] = []
         while not self._stop.is_set():
             try:
                 wire, client = self.sock.recvfrom(65535)
@@ -223,6 +226,13 @@ class Responder:
                 continue
             self.sources.append(client)
             if self.mode == "silent":
+                continue
+            if self.mode == "pair":
+                held.append((wire, client))
+                if len(held) == 2:
+                    for wire, client in held:
+                        self.sock.sendto(self._ask_upstream(wire), client)
+                    held = []
                 continue
             query = dns.message.from_wire(wire)
             if self.mode == "servfail":
@@ -292,7 +302,7 @@ def test_datagrams_that_are_not_the_answer_are_ignored(responders, native: bool)
     assert foreign.sources[0][1] != foreign.sources[1][1]
 
 
-def test_one_socket_serves_a_thread_for_a_while(responders, native: bool) -> None:
+def test_one_socket_serves_the_client_for_a_while(responders, native: bool) -> None:
     relay = responders("pass")
     client = DnsClient([relay.address], native=native)
     for _ in range(SOCKET_USES + 1):
@@ -301,11 +311,31 @@ def test_one_socket_serves_a_thread_for_a_while(responders, native: bool) -> Non
     assert len(set(ports[:SOCKET_USES])) == 1
     assert ports[SOCKET_USES] != ports[0]  # then a new one
 
-    seen: list[int] = []
-    thread = threading.Thread(target=lambda: (_ask(client), seen.append(relay.sources[-1][1])))
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(_ask(client) is not None))
     thread.start()
     thread.join(10)
-    assert seen and seen[0] != ports[SOCKET_USES]  # another thread, another socket
+    assert seen == [True]
+    # another thread takes the idle socket: threads that end do not take theirs along
+    assert relay.sources[-1][1] == ports[SOCKET_USES]
+
+
+def test_tries_under_way_at_once_have_sockets_of_their_own(responders, native: bool) -> None:
+    relay = responders("pair")  # answers only once both queries are in
+    client = DnsClient([relay.address], native=native)
+    answers: list[bytes] = []
+    threads = [threading.Thread(target=lambda: answers.append(_spf_text(_ask(client))))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(answers) == 2 and all(a.startswith(b"v=spf1") for a in answers)
+    first, second = (port for _host, port in relay.sources)
+    assert first != second
+    _ask(client)  # both went back idle: the next try takes one of them
+    assert relay.sources[-1][1] in (first, second)
+
 
 
 @pytest.mark.parametrize("mode", ["silent", "servfail"])
@@ -372,20 +402,28 @@ def _releasing_calls(action) -> list[str]:
 
 
 def test_a_query_lets_go_of_the_gil_once(dns_server: DnsServer, native: bool) -> None:
-    """On a thread's socket, one try makes one GIL release with the helper (the wait:
-    the send goes out with the GIL held), two without (socket.send, socket.recv)."""
+    """On a socket made before, one try makes one GIL release with the helper (the
+    wait: the send goes out with the GIL held), two without (socket.send, socket.recv)."""
     client = DnsClient(dns_server.addresses, native=native)
     _ask(client)  # the socket is made (socket, connect) and the query IDs drawn
     names = iter(f"q{n}.pass.spf.test" for n in range(10))
     before = _udp.stats() if _udp is not None else (0, 0)
     per_query = [_releasing_calls(lambda: _ask(client, next(names))) for _ in range(10)]
     after = _udp.stats() if _udp is not None else (0, 0)
+    expected = ["exchange"] if native else ["send", "recv"]
+    assert per_query == [expected] * 10
     if native:
-        assert per_query == [["exchange"]] * 10
         assert (after[0] - before[0], after[1] - before[1]) == (10, 10)  # one release each
     else:
-        assert per_query == [["send", "recv"]] * 10
         assert after == before
+    # a new thread (libmilter's pool starts them) takes the idle socket and the IDs
+    # drawn: no socket, connect or getrandom of its own
+    in_thread: list[list[str]] = []
+    thread = threading.Thread(target=lambda: in_thread.append(
+        _releasing_calls(lambda: _ask(client, "new-thread.pass.spf.test"))))
+    thread.start()
+    thread.join(10)
+    assert in_thread == [expected]
 
 
 @pytest.fixture
