@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 import sys
@@ -378,11 +379,11 @@ def test_a_cname_loop_is_told_apart(dns_server: DnsServer, native: bool) -> None
 
 # -- GIL releases per query ------------------------------------------------------
 
-#: Builtins that let go of the GIL (Py_BEGIN_ALLOW_THREADS in CPython's socket,
-#: posix and time modules, and spfmilter._udp.exchange), by name.
-_RELEASING = {"send", "sendall", "sendto", "recv", "recvfrom", "recv_into", "connect",
-              "close", "settimeout", "setblocking", "sleep", "urandom", "getrandom",
-              "exchange", "poll", "select"}
+#: Socket methods that let go of the GIL (Py_BEGIN_ALLOW_THREADS in CPython's
+#: socketmodule.c), and other builtins that do (posix, time, select, spfmilter._udp).
+_SOCKET_RELEASING = {"send", "sendall", "sendto", "recv", "recvfrom", "recv_into", "connect",
+                     "close", "settimeout", "setblocking", "detach"}
+_RELEASING = (os.urandom, time.sleep, select.select, *([_udp.exchange] if _udp else []))
 
 
 def _releasing_calls(action) -> list[str]:
@@ -390,7 +391,11 @@ def _releasing_calls(action) -> list[str]:
     calls: list[str] = []
 
     def hook(_frame, event, arg) -> None:
-        if event == "c_call" and arg.__name__ in _RELEASING and arg.__name__ != "setprofile":
+        if event != "c_call":
+            return
+        owner = getattr(arg, "__self__", None)
+        if (isinstance(owner, socket.socket) and arg.__name__ in _SOCKET_RELEASING) \
+                or any(arg is f for f in _RELEASING):
             calls.append(arg.__name__)
 
     sys.setprofile(hook)
