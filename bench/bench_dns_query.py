@@ -11,7 +11,10 @@ path's median round and the range over rounds.
 
   resolver   dnspython's Resolver.resolve over spfmilter's TolerantNameserver:
              spfmilter's lookup before the DnsClient (a socket per query)
-  client     spfmilter.dnsclient.DnsClient.query: spfmilter's lookup now
+  client     spfmilter.dnsclient.DnsClient.query: spfmilter's lookup now (with
+             the C helper spfmilter._udp: one GIL release per query)
+  socketmod  the same client with native=False: the socket module's send and
+             recv (two GIL releases per query; what runs without the helper)
   lookup     SpfChecker._lookup on a miss: the client plus turning the answer
              into pyspf's records and caching it (what pyspf's lookup costs)
   bare       dns.message.make_query + dns.query.udp, no retries, no checks
@@ -52,7 +55,7 @@ from spfmilter.dnscompat import make_resolver  # noqa: E402
 from spfmilter.nameserver import TolerantNameserver  # noqa: E402
 from spfmilter.spfcheck import SpfChecker, _Session  # noqa: E402
 
-PATHS = ("resolver", "client", "lookup", "bare")
+PATHS = ("resolver", "client", "socketmod", "lookup", "bare")
 KINDS = {"txt": "{label}.pass.bench.test", "nxdomain": "{label}.nx.spf.test"}
 TABLE_HEAD = (f"{'path':<10} {'kind':<9} {'threads':>7} {'queries':>7} {'us/query':>9} "
               f"{'min':>7} {'max':>7}")
@@ -63,6 +66,7 @@ def make_paths(host: str, port: int) -> dict[str, Callable[[str], object]]:
     resolver = make_resolver([(host, port)], TolerantNameserver)
     resolver.use_edns(0, 0, EDNS_PAYLOAD)
     client = DnsClient([(host, port)])
+    socketmod = DnsClient([(host, port)], native=False)
     checker = SpfChecker(nameservers=[(host, port)], lookup_timeout=5, cache_size=1_000_000)
     txt = dns.rdatatype.TXT
 
@@ -76,6 +80,9 @@ def make_paths(host: str, port: int) -> dict[str, Callable[[str], object]]:
     def by_client(name: str) -> object:
         return client.query(dns.name.from_text(name), txt, time.monotonic() + 5)
 
+    def by_socket_module(name: str) -> object:
+        return socketmod.query(dns.name.from_text(name), txt, time.monotonic() + 5)
+
     def by_lookup(name: str) -> object:
         return checker._lookup(_Session(checker, time.monotonic() + 5), name, "TXT")
 
@@ -83,7 +90,8 @@ def make_paths(host: str, port: int) -> dict[str, Callable[[str], object]]:
         query = dns.message.make_query(name, txt, use_edns=0, payload=EDNS_PAYLOAD)
         return dns.query.udp(query, host, port=port, timeout=5)
 
-    return {"resolver": by_resolver, "client": by_client, "lookup": by_lookup, "bare": bare}
+    return {"resolver": by_resolver, "client": by_client, "socketmod": by_socket_module,
+            "lookup": by_lookup, "bare": bare}
 
 
 def cpu_per_query(ask: Callable[[str], object], names: list[str], threads: int = 1) -> float:
@@ -140,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             before = statistics.median(results[("resolver", kind, threads)])
             now = statistics.median(results[("client", kind, threads)])
             print(f"client / resolver ({kind}, {threads} threads): {now / before:.2f}x "
+                  f"the CPU per query")
+            py = statistics.median(results[("socketmod", kind, threads)])
+            print(f"client / socketmod ({kind}, {threads} threads): {now / py:.2f}x "
                   f"the CPU per query")
     return 0
 

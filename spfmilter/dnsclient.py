@@ -28,18 +28,30 @@ relies on it and does the rest with dnspython's own parts:
   answers are parsed whole, for the SOA (RFC 2308) and EDNS rcode;
 * the wait for an answer is a recv on a blocking socket bounded by
   SO_RCVTIMEO (a Python socket timeout would poll before each send and recv:
-  more GIL hand-offs between libmilter's threads).
+  more GIL hand-offs between libmilter's threads);
+* where the C helper :mod:`spfmilter._udp` is built, the query goes out with
+  the GIL held and the GIL is let go once per try, around the wait
+  (``socket.send`` lets go of it too, though a datagram on a connected socket
+  never waits: one hand-off more per query between libmilter's threads).
+  Without the helper, or with ``native=False``, the socket module's send and
+  recv do the same.
 
-Sockets.  Each thread keeps one connected UDP socket per server and uses it
-for up to :data:`SOCKET_USES` queries, then takes a new one (a new source
-port); a try that timed out, failed, or saw a datagram that was not its
-answer also closes the socket.  That saves a socket/connect/close per query
-(about 25 us of CPU) while an off-path forger still has to guess a 16-bit ID
-and a source port that changes every few dozen queries, and can only reach
-a connected socket from the server's own address and port.  The usual
-setup, a resolver on loopback or the local network, is not reachable
-off-path at all; an operator who wants the full per-query port entropy runs
-a validating local resolver, as RFC 7208 11.3 suggests anyway.
+Sockets.  The client keeps idle connected UDP sockets per server, shared by
+all threads: a try takes one (or makes one), and gives it back after a clean
+answer; a socket carries up to :data:`SOCKET_USES` queries, then is closed
+and the next try makes a new one (a new source port); a try that timed out,
+failed, or saw a datagram that was not its answer also closes the socket.
+The idle lists and the pool of query IDs take no lock (list pop and append
+are atomic under the GIL) and outlive the threads: libmilter's worker pool
+ends and starts threads, and per-thread sockets and IDs died with theirs (a
+socket, connect, close and getrandom per new thread, each a GIL release).
+Reuse saves a socket/connect/close per query (about 25 us of CPU) while an
+off-path forger still has to guess a 16-bit ID and a source port that
+changes every few dozen queries, and can only reach a connected socket from
+the server's own address and port.  The usual setup, a resolver on loopback
+or the local network, is not reachable off-path at all; an operator who
+wants the full per-query port entropy runs a validating local resolver, as
+RFC 7208 11.3 suggests anyway.
 """
 
 from __future__ import annotations
@@ -48,10 +60,9 @@ import random
 import secrets
 import socket
 import struct
-import threading
 import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional
 
 import dns.exception
 import dns.flags
@@ -69,13 +80,22 @@ import dns.wire
 
 from .nameserver import parse_wire, read_exact
 
+try:
+    from ._udp import exchange as _exchange
+except ImportError:  # not built (no C compiler at install): the socket module's calls
+    _exchange = None
+
 #: UDP payload size we advertise with EDNS (the DNS flag day 2020 value).
 EDNS_PAYLOAD = 1232
 #: How long one try waits for one server (dnspython's Resolver default).
 ATTEMPT_TIMEOUT = 2.0
 #: Queries one UDP socket (one source port) carries before it is replaced.
 SOCKET_USES = 32
+#: Idle sockets kept per server (one per try under way at once, up to this).
+MAX_IDLE_SOCKETS = 64
 MAX_UDP = 65535
+#: spfmilter._udp.exchange's signature: (fd, datagram or None, timeout) -> datagram.
+_Exchange = Callable[[int, Optional[bytes], float], bytes]
 _HEADER = struct.Struct("!HHHHHH")
 _IDS = struct.Struct("!64H")  # query IDs drawn at once per thread
 _ERROR_RCODES_WITHOUT_QUESTION = frozenset(
@@ -138,6 +158,8 @@ def _receive_timeout_works() -> bool:
 #: lets go of the GIL: four hand-offs per query between libmilter's threads
 #: instead of two.  Where the probe fails, the Python timeout as before.
 _RECEIVE_TIMEOUT = _receive_timeout_works()
+#: spfmilter._udp.exchange where it is built and SO_RCVTIMEO works (it waits with it).
+NATIVE_EXCHANGE = _exchange if _RECEIVE_TIMEOUT else None
 
 
 class _Socket:
@@ -147,8 +169,10 @@ class _Socket:
         self.sock = socket.socket(dns.inet.af_for_address(address[0]), socket.SOCK_DGRAM)
         self.uses = 0
         try:
-            if _RECEIVE_TIMEOUT:
-                self.sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout says
+            if _RECEIVE_TIMEOUT and socket.getdefaulttimeout() is not None:
+                # blocking, whatever socket.setdefaulttimeout says (settimeout lets go of
+                # the GIL: a new socket is blocking unless a default timeout was set)
+                self.sock.settimeout(None)
             self.sock.connect(address)  # only the server's datagrams reach it
         except BaseException:
             self.sock.close()
@@ -307,17 +331,22 @@ class DnsClient:
     """Asks one question of *servers* ((address, port) pairs) within a deadline.
 
     ``rotate``: start at a random server each lookup (resolv.conf's option).
+    ``native``: send and wait through :mod:`spfmilter._udp` where it is built
+    (:data:`NATIVE_EXCHANGE`); False: the socket module's send and recv.
     One instance serves all threads.
     """
 
     def __init__(self, servers: Sequence[tuple[str, int]], *,
-                 attempt_timeout: float = ATTEMPT_TIMEOUT, rotate: bool = False) -> None:
+                 attempt_timeout: float = ATTEMPT_TIMEOUT, rotate: bool = False,
+                 native: bool = True) -> None:
         if not servers:
             raise ValueError("no name servers")
         self.servers = [(host, int(port)) for host, port in servers]
         self.attempt_timeout = attempt_timeout
         self.rotate = rotate
-        self._local = threading.local()
+        self.exchange = NATIVE_EXCHANGE if native else None
+        self._ids: list[int] = []  # query IDs drawn ahead
+        self._idle: dict[tuple[str, int], list[_Socket]] = {s: [] for s in self.servers}
 
     def query(self, qname: dns.name.Name, rdtype: int, deadline: float) -> Reply:
         """The answer to (*qname*, *rdtype*, IN) by *deadline* (time.monotonic()).
@@ -360,29 +389,36 @@ class DnsClient:
         """A random query ID from the OS's generator, drawn for many at a time.
 
         One getrandom() per query (secrets.randbits) let go of the GIL for each,
-        a hand-off between libmilter's threads; each thread keeps its own IDs.
+        a hand-off between libmilter's threads.  Two threads that find the pool
+        empty at once both refill it: no ID is used twice either way.
         """
-        ids: list[int] | None = getattr(self._local, "ids", None)
-        if not ids:
-            ids = self._local.ids = list(_IDS.unpack(secrets.token_bytes(_IDS.size)))
-        return ids.pop()
+        try:
+            return self._ids.pop()
+        except IndexError:
+            ids = list(_IDS.unpack(secrets.token_bytes(_IDS.size)))
+            qid = ids.pop()
+            self._ids.extend(ids)
+            return qid
 
     def _try(self, server: tuple[str, int], qname: dns.name.Name, rdtype: int,
              until: float) -> Reply:
         qid = self._query_id()
         question = _question(qname, rdtype)
         wire = _query_wire(qid, qname, rdtype, question)
-        sockets: dict[tuple[str, int], _Socket] = self._local.__dict__.setdefault("udp", {})
-        udp = sockets.get(server)
-        if udp is None:
-            udp = sockets[server] = _Socket(server)
+        idle = self._idle[server]
+        try:
+            udp = idle.pop()  # this try's alone until it gives it back
+        except IndexError:
+            udp = _Socket(server)
         udp.uses += 1
         clean = False
         try:
-            reply, clean = self._udp(udp.sock, wire, qid, qname, rdtype, until, question)
+            reply, clean = self._udp(udp.sock, wire, qid, qname, rdtype, until, question,
+                                     self.exchange)
         finally:
-            if not clean or udp.uses >= SOCKET_USES:
-                del sockets[server]
+            if clean and udp.uses < SOCKET_USES and len(idle) < MAX_IDLE_SOCKETS:
+                idle.append(udp)
+            else:
                 udp.close()
         if reply is not None:
             return reply
@@ -390,17 +426,30 @@ class DnsClient:
 
     @staticmethod
     def _udp(sock: socket.socket, wire: bytes, qid: int, qname: dns.name.Name,
-             rdtype: int, until: float, question: bytes) -> tuple[Reply | None, bool]:
+             rdtype: int, until: float, question: bytes,
+             exchange: _Exchange | None) -> tuple[Reply | None, bool]:
         """(the answer over UDP or None when it was truncated, whether the socket
-        saw nothing but it); raises on a timeout or an error."""
-        sock.send(wire)
+        saw nothing but it); raises on a timeout or an error.
+
+        *exchange*: :data:`NATIVE_EXCHANGE` (it sends *wire* with the first wait)
+        or None (socket.send, then socket.recv).
+        """
+        unsent: bytes | None = wire
+        if exchange is None:
+            sock.send(wire)
+            unsent = None
         clean = True
         while True:
             left = until - time.monotonic()
             if left <= 0:
+                if unsent is not None:
+                    sock.send(unsent)  # as the socket module's path: sent, then timed out
                 raise dns.exception.Timeout(timeout=0)
             try:
-                if _RECEIVE_TIMEOUT:  # the kernel waits: one GIL release, not poll + recv
+                if exchange is not None:  # one GIL release: the wait (and any send's)
+                    data = exchange(sock.fileno(), unsent, left)
+                    unsent = None
+                elif _RECEIVE_TIMEOUT:  # the kernel waits: one GIL release, not poll + recv
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
                     data = sock.recv(MAX_UDP)
                 else:

@@ -12,7 +12,7 @@ import sys
 from tests.procs import ROOT
 
 SCRIPT = ROOT / "bench" / "bench_dns_query.py"
-ROW = re.compile(r"^(resolver|client|lookup|bare)\s+(txt|nxdomain)\s+(\d+)"
+ROW = re.compile(r"^(resolver|client|socketmod|lookup|bare)\s+(txt|nxdomain)\s+(\d+)"
                  r"\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", re.MULTILINE)
 
 
@@ -23,10 +23,12 @@ def test_bench_dns_query_prints_cpu_per_query_for_every_path():
     assert out.returncode == 0, out.stdout + out.stderr
     rows = ROW.findall(out.stdout)
     assert sorted((path, kind, int(threads)) for path, kind, threads, *_ in rows) == sorted(
-        (path, kind, threads) for path in ("resolver", "client", "lookup", "bare")
+        (path, kind, threads) for path in ("resolver", "client", "socketmod", "lookup", "bare")
         for kind in ("txt", "nxdomain") for threads in (1, 2)), out.stdout
     for *_names, _threads, queries, median, low, high in rows:
         assert int(queries) == 20
         assert 0 < int(low) <= int(median) <= int(high), out.stdout
     assert len(re.findall(r"^client / resolver \((txt|nxdomain), [12] threads\): [\d.]+x",
+                          out.stdout, re.MULTILINE)) == 4, out.stdout
+    assert len(re.findall(r"^client / socketmod \((txt|nxdomain), [12] threads\): [\d.]+x",
                           out.stdout, re.MULTILINE)) == 4, out.stdout

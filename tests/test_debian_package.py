@@ -145,6 +145,7 @@ def test_package_has_the_files_an_admin_expects(deb: Path) -> None:
     files = {line.split()[5].lstrip(".") for line in listing}
     assert set(DEB_FILES) <= files, sorted(set(DEB_FILES) - files)
     assert [f for f in files if re.fullmatch(rf"{SITE}/libmilter_ext/_milter\..*\.so", f)]
+    assert [f for f in files if re.fullmatch(rf"{SITE}/spfmilter/_udp\..*\.so", f)]
     assert not [f for f in files if f.endswith(".c")], "C source in the binary package"
     with tempfile.TemporaryDirectory() as ctrl:
         run("dpkg-deb", "--control", deb, ctrl)

@@ -9,9 +9,12 @@ first), and records where each query came from.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +35,11 @@ from spfmilter.dnsclient import SOCKET_USES, DnsClient, ServerFailure, _Bad, _re
 from spfmilter.nameserver import parse_wire
 from spfmilter.spfcheck import _negative_ttl
 from tests.dnsserver import DnsServer
+
+try:
+    from spfmilter import _udp
+except ImportError:  # the 'native' fixture fails the transport tests then
+    _udp = None
 
 EXAMPLES = int(os.environ.get("SPFMILTER_HYPOTHESIS_EXAMPLES", "200"))
 TXT = dns.rdatatype.TXT
@@ -182,7 +190,9 @@ class Responder:
 
     pass: relays.  silent: never answers.  servfail: answers SERVFAIL.
     foreign: before the answer, sends it with another ID and an answer to
-    another question.  ``sources`` lists the client address of every query.
+    another question.  pair: holds each query until a second one came, then
+    relays both (two queries under way at once).  ``sources`` lists the
+    client address of every query.
     """
 
     def __init__(self, upstream: tuple[str, int], mode: str = "pass") -> None:
@@ -209,6 +219,7 @@ class Responder:
             return up.recv(65535)
 
     def _serve(self) -> None:
+        held: list[tuple[bytes, tuple[str, int]]] = []
         while not self._stop.is_set():
             try:
                 wire, client = self.sock.recvfrom(65535)
@@ -216,6 +227,13 @@ class Responder:
                 continue
             self.sources.append(client)
             if self.mode == "silent":
+                continue
+            if self.mode == "pair":
+                held.append((wire, client))
+                if len(held) == 2:
+                    for wire, client in held:
+                        self.sock.sendto(self._ask_upstream(wire), client)
+                    held = []
                 continue
             query = dns.message.from_wire(wire)
             if self.mode == "servfail":
@@ -233,6 +251,14 @@ class Responder:
                 self.sock.sendto(other.to_wire(), client)  # another question
                 self.sock.sendto(b"\x00", client)  # not DNS at all
             self.sock.sendto(answer, client)
+
+
+@pytest.fixture(params=[True, False], ids=["helper", "socket-module"])
+def native(request) -> bool:
+    """Each transport test runs on spfmilter._udp and on the socket module's calls."""
+    if request.param:
+        assert dnsclient.NATIVE_EXCHANGE is not None, "spfmilter._udp is not built"
+    return request.param
 
 
 @pytest.fixture
@@ -258,8 +284,8 @@ def _ask(client: DnsClient, name: str = "pass.spf.test", seconds: float = 5.0
     return client.query(dns.name.from_text(name), TXT, time.monotonic() + seconds)
 
 
-def test_answers_from_the_server(dns_server: DnsServer) -> None:
-    client = DnsClient(dns_server.addresses)
+def test_answers_from_the_server(dns_server: DnsServer, native: bool) -> None:
+    client = DnsClient(dns_server.addresses, native=native)
     assert _spf_text(_ask(client)).startswith(b"v=spf1")
     nx = _ask(client, "nxdomain.spf.test")
     assert (nx.rrset, nx.nxdomain) == (None, True)
@@ -268,42 +294,65 @@ def test_answers_from_the_server(dns_server: DnsServer) -> None:
     assert len(_spf_text(long)) > 1232
 
 
-def test_datagrams_that_are_not_the_answer_are_ignored(responders) -> None:
+def test_datagrams_that_are_not_the_answer_are_ignored(responders, native: bool) -> None:
     foreign = responders("foreign")
-    client = DnsClient([foreign.address])
+    client = DnsClient([foreign.address], native=native)
     assert _spf_text(_ask(client)).startswith(b"v=spf1")
     _ask(client)
     # the socket that saw them is not used again: a new source port
     assert foreign.sources[0][1] != foreign.sources[1][1]
 
 
-def test_one_socket_serves_a_thread_for_a_while(responders) -> None:
+def test_one_socket_serves_the_client_for_a_while(responders, native: bool) -> None:
     relay = responders("pass")
-    client = DnsClient([relay.address])
+    client = DnsClient([relay.address], native=native)
     for _ in range(SOCKET_USES + 1):
         _ask(client)
     ports = [port for _host, port in relay.sources]
     assert len(set(ports[:SOCKET_USES])) == 1
     assert ports[SOCKET_USES] != ports[0]  # then a new one
 
-    seen: list[int] = []
-    thread = threading.Thread(target=lambda: (_ask(client), seen.append(relay.sources[-1][1])))
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(_ask(client) is not None))
     thread.start()
     thread.join(10)
-    assert seen and seen[0] != ports[SOCKET_USES]  # another thread, another socket
+    assert seen == [True]
+    # another thread takes the idle socket: threads that end do not take theirs along
+    assert relay.sources[-1][1] == ports[SOCKET_USES]
+
+
+def test_tries_under_way_at_once_have_sockets_of_their_own(responders, native: bool) -> None:
+    relay = responders("pair")  # answers only once both queries are in
+    client = DnsClient([relay.address], native=native)
+    answers: list[bytes] = []
+    threads = [threading.Thread(target=lambda: answers.append(_spf_text(_ask(client))))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(answers) == 2 and all(a.startswith(b"v=spf1") for a in answers)
+    first, second = (port for _host, port in relay.sources)
+    assert first != second
+    _ask(client)  # both went back idle: the next try takes one of them
+    assert relay.sources[-1][1] in (first, second)
+
 
 
 @pytest.mark.parametrize("mode", ["silent", "servfail"])
-def test_a_failing_server_is_passed_over(responders, dns_server: DnsServer, mode: str) -> None:
+def test_a_failing_server_is_passed_over(responders, dns_server: DnsServer, mode: str,
+                                        native: bool) -> None:
     bad = responders(mode)
-    client = DnsClient([bad.address, (dns_server.host, dns_server.port)], attempt_timeout=0.3)
+    client = DnsClient([bad.address, (dns_server.host, dns_server.port)], attempt_timeout=0.3,
+                       native=native)
     assert _spf_text(_ask(client)).startswith(b"v=spf1")
     assert len(bad.sources) == 1
 
 
-def test_servers_that_never_answer_are_asked_again_until_the_deadline(responders) -> None:
+def test_servers_that_never_answer_are_asked_again_until_the_deadline(responders,
+                                                                      native: bool) -> None:
     first, second = responders("silent"), responders("silent")
-    client = DnsClient([first.address, second.address], attempt_timeout=0.2)
+    client = DnsClient([first.address, second.address], attempt_timeout=0.2, native=native)
     started = time.monotonic()
     with pytest.raises(dns.exception.Timeout):
         _ask(client, seconds=1.2)
@@ -311,9 +360,9 @@ def test_servers_that_never_answer_are_asked_again_until_the_deadline(responders
     assert len(first.sources) >= 2 and len(second.sources) >= 2  # around again, after backoff
 
 
-def test_every_server_failing_is_a_server_failure(responders) -> None:
+def test_every_server_failing_is_a_server_failure(responders, native: bool) -> None:
     first, second = responders("servfail"), responders("servfail")
-    client = DnsClient([first.address, second.address])
+    client = DnsClient([first.address, second.address], native=native)
     with pytest.raises(ServerFailure) as info:
         _ask(client)
     assert not info.value.chain_too_long
@@ -321,8 +370,115 @@ def test_every_server_failing_is_a_server_failure(responders) -> None:
     assert (len(first.sources), len(second.sources)) == (1, 1)  # each asked once
 
 
-def test_a_cname_loop_is_told_apart(dns_server: DnsServer) -> None:
+def test_a_cname_loop_is_told_apart(dns_server: DnsServer, native: bool) -> None:
     with pytest.raises(ServerFailure) as info:
-        DnsClient(dns_server.addresses).query(dns.name.from_text("loop1.compat.test"),
-                                              dns.rdatatype.A, time.monotonic() + 5)
+        DnsClient(dns_server.addresses, native=native).query(
+            dns.name.from_text("loop1.compat.test"), dns.rdatatype.A, time.monotonic() + 5)
     assert info.value.chain_too_long
+
+
+# -- GIL releases per query ------------------------------------------------------
+
+#: Socket methods that let go of the GIL (Py_BEGIN_ALLOW_THREADS in CPython's
+#: socketmodule.c), and other builtins that do (posix, time, select, spfmilter._udp).
+_SOCKET_RELEASING = {"send", "sendall", "sendto", "recv", "recvfrom", "recv_into", "connect",
+                     "close", "settimeout", "setblocking", "detach"}
+_RELEASING = (os.urandom, time.sleep, select.select, *([_udp.exchange] if _udp else []))
+
+
+def _releasing_calls(action) -> list[str]:
+    """The GIL-releasing builtins *action* calls, in order (a profile hook sees each)."""
+    calls: list[str] = []
+
+    def hook(_frame, event, arg) -> None:
+        if event != "c_call":
+            return
+        owner = getattr(arg, "__self__", None)
+        if (isinstance(owner, socket.socket) and arg.__name__ in _SOCKET_RELEASING) \
+                or any(arg is f for f in _RELEASING):
+            calls.append(arg.__name__)
+
+    sys.setprofile(hook)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_query_lets_go_of_the_gil_once(dns_server: DnsServer, native: bool) -> None:
+    """On a socket made before, one try makes one GIL release with the helper (the
+    wait: the send goes out with the GIL held), two without (socket.send, socket.recv)."""
+    client = DnsClient(dns_server.addresses, native=native)
+    _ask(client)  # the socket is made (socket, connect) and the query IDs drawn
+    names = iter(f"q{n}.pass.spf.test" for n in range(10))
+    before = _udp.stats() if _udp is not None else (0, 0)
+    per_query = [_releasing_calls(lambda: _ask(client, next(names))) for _ in range(10)]
+    after = _udp.stats() if _udp is not None else (0, 0)
+    expected = ["exchange"] if native else ["send", "recv"]
+    assert per_query == [expected] * 10
+    if native:
+        assert (after[0] - before[0], after[1] - before[1]) == (10, 10)  # one release each
+    else:
+        assert after == before
+    # a new thread (libmilter's pool starts them) takes the idle socket and the IDs
+    # drawn: no socket, connect or getrandom of its own
+    in_thread: list[list[str]] = []
+    thread = threading.Thread(target=lambda: in_thread.append(
+        _releasing_calls(lambda: _ask(client, "new-thread.pass.spf.test"))))
+    thread.start()
+    thread.join(10)
+    assert in_thread == [expected]
+
+
+@pytest.fixture
+def udp():
+    """spfmilter._udp; scripts/setup builds it (with libmilter_ext._milter)."""
+    assert _udp is not None, "spfmilter._udp is not built"
+    return _udp
+
+
+def test_exchange_on_a_full_send_buffer_still_releases_once(udp) -> None:
+    """EAGAIN with the GIL held: the send waits for room in the one released section."""
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, peer:
+        ours.setblocking(False)
+        queued = 0
+        while True:  # fill the peer's queue (net.unix.max_dgram_qlen)
+            try:
+                ours.send(b"filler")
+            except BlockingIOError:
+                break
+            queued += 1
+        ours.setblocking(True)
+
+        def drain_then_answer() -> None:
+            got = [peer.recv(100) for _ in range(queued + 1)]
+            peer.send(b"answer to " + got[-1])
+
+        thread = threading.Thread(target=drain_then_answer)
+        before = udp.stats()
+        thread.start()
+        assert udp.exchange(ours.fileno(), b"query", 10.0) == b"answer to query"
+        thread.join(10)
+        after = udp.stats()
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+
+
+def test_exchange_fails_as_the_socket_module_does(udp) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))  # nothing listens: ICMP port unreachable
+        with pytest.raises(ConnectionRefusedError):
+            udp.exchange(sock.fileno(), b"query", 5.0)
+        with pytest.raises(BlockingIOError):  # nothing came within the timeout
+            udp.exchange(sock.fileno(), None, 0.05)
+        with pytest.raises(ValueError):
+            udp.exchange(sock.fileno(), None, 0.0)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(OSError) as info:
+        udp.exchange(fd, b"query", 1.0)  # closed: EBADF
+    assert info.value.errno == errno.EBADF

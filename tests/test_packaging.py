@@ -127,7 +127,7 @@ def test_sdist_carries_what_the_spec_and_the_tests_need(sdist: Path) -> None:
                   cwd=ROOT).stdout.split()
     expected = {"README", "spfmilter.spec", "pyproject.toml", "setup.py",
                 "libmilter_ext/_milter.c", "libmilter_ext/_milter.pyi",
-                "libmilter_ext/py.typed", "spfmilter/_version.py", *tracked}
+                "libmilter_ext/py.typed", "spfmilter/_version.py", "spfmilter/_udp.c", *tracked}
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n]
 
@@ -150,6 +150,7 @@ def test_rpm_has_the_files_an_admin_expects(rpm: Path) -> None:
     site = sitearch.pop()
     assert {f"{site}/{m}" for m in RPM_MODULES} <= files
     assert [f for f in files if re.fullmatch(rf"{site}/libmilter_ext/_milter\..*\.so", f)]
+    assert [f for f in files if re.fullmatch(rf"{site}/spfmilter/_udp\..*\.so", f)]
     assert not [f for f in files if f.endswith(".c")], "C source in the binary package"
     assert set(run("rpm", "-qcp", rpm).stdout.split()) == {"/etc/spfmilter.cfg",
                                                           "/etc/sysconfig/spfmilter"}
