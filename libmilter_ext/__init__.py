@@ -160,15 +160,15 @@ def noreply(method: Callable[..., Any]) -> Callable[..., Any]:
 
 # Stages whose method may be deferred: their answer does not depend on the
 # method (it is "continue"), so C gives it at once.
-_DEFERRABLE = {"connect": SMFIP_NR_CONN, "helo": SMFIP_NR_HELO, "data": SMFIP_NR_DATA,
-               "unknown": SMFIP_NR_UNKN}
+_DEFERRABLE = {"connect": SMFIP_NR_CONN, "helo": SMFIP_NR_HELO, "header": SMFIP_NR_HDR,
+               "data": SMFIP_NR_DATA, "unknown": SMFIP_NR_UNKN}
 
 
 def deferred(method: Callable[..., Any]) -> Callable[..., Any]:
     """Run a stage callback later, without making the stage take the GIL.
 
-    For connect(), helo(), data() and unknown() -- and close(), see below --
-    whose answer is always CONTINUE: the C layer answers the MTA at once (and
+    For connect(), helo(), header(), data() and unknown() -- and close(), see
+    below -- whose answer is always CONTINUE: the C layer answers the MTA at once (and
     negotiates the stage as no-reply when the MTA offers it, as :func:`noreply`
     does), keeps a copy of the arguments, and calls the method later in the
     same GIL hold as the next stage that does enter Python (or at abort or
@@ -176,10 +176,14 @@ def deferred(method: Callable[..., Any]) -> Callable[..., Any]:
     the stage's macros then: libmilter keeps connect's and helo's macros until
     the session ends, and clears only those of the stage it enters and later
     ones -- but a second HELO/EHLO (after STARTTLS, say) replaces helo's, so
-    a deferred first helo() reads the second one's.  A verdict it returns
+    a deferred first helo() reads the second one's.  A deferred header() runs
+    before the next stage's method (eoh, eom, or the abort), so getsymval()
+    may see that stage's macros too; with a ``header_names`` filter only the
+    fields it lets through wait.  A verdict it returns
     anyway (or the fail-safe of an exception) is carried as a no-reply
-    stage's is: the stage that ran the method answers it.  Up to 8 calls
-    wait per connection; the ninth stage runs them and queues itself.
+    stage's is: the stage that ran the method answers it.  Up to 16 calls
+    (64 KiB of copied text) wait per connection; the stage after that runs
+    them and queues itself.
 
     On close() it means: unless deferred calls are still waiting (then it
     runs in the close callback, after them), close() runs after libmilter's
@@ -232,8 +236,8 @@ class Milter:
         for name, value in vars(cls).items():
             if getattr(value, "_milter_deferred", False) and name not in _DEFERRABLE \
                     and name != "close":
-                raise TypeError(f"{cls.__qualname__}.{name}: only connect, helo, data, "
-                                "unknown and close can be deferred")
+                raise TypeError(f"{cls.__qualname__}.{name}: only connect, helo, header, "
+                                "data, unknown and close can be deferred")
 
     # -- callbacks (override what you need) ----------------------------------
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:

@@ -122,6 +122,7 @@ typedef struct ContextObject {
     struct pending *pending;    /* deferred calls not run yet, oldest first */
     struct pending **pending_end;
     int npending;
+    size_t pending_text;   /* octets of text the pending calls hold */
     int close_deferred;    /* close() runs after the callback, at the next GIL hold */
     SMFICTX *closed_ctx;   /* while queued for release: the SMFICTX it was parked under */
     struct ContextObject *release_next;
@@ -135,13 +136,16 @@ struct pending {
     struct pending *next;
     int stage;
     int has_text;          /* text is the hostname / HELO name / command, not NULL */
+    size_t value_at;       /* header: the value starts at text + value_at (the name at text) */
     int has_addr;
     struct sockaddr_storage addr;
     char text[];
 };
 
-/* At most this many deferred calls wait per connection; one more runs them. */
-#define MAX_PENDING 8
+/* At most this many deferred calls, holding at most this many octets of copied
+ * text, wait per connection; one more runs them. */
+#define MAX_PENDING 16
+#define MAX_PENDING_TEXT 65536
 
 static PyTypeObject Context_Type;
 
@@ -867,14 +871,15 @@ Context_set_header_filter(ContextObject *self, PyObject *names)
 static PyObject *
 Context_set_deferred(ContextObject *self, PyObject *arg)
 {
-    const unsigned long allowed = SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_DATA | SMFIP_NR_UNKN;
+    const unsigned long allowed = SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_HDR | SMFIP_NR_DATA
+                                  | SMFIP_NR_UNKN;
     unsigned long v = PyLong_AsUnsignedLong(arg);
 
     if (v == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
     if ((v & ~allowed) != 0) {
         PyErr_SetString(PyExc_ValueError, "set_deferred: only SMFIP_NR_CONN, SMFIP_NR_HELO, "
-                        "SMFIP_NR_DATA and SMFIP_NR_UNKN");
+                        "SMFIP_NR_HDR, SMFIP_NR_DATA and SMFIP_NR_UNKN");
         return NULL;
     }
     self->deferred = v;
@@ -896,7 +901,7 @@ Context_set_close_deferred(ContextObject *self, PyObject *arg)
 
 static PyMethodDef Context_methods[] = {
     {"set_deferred", (PyCFunction)Context_set_deferred, METH_O,
-     "SMFIP_NR_* bits of the stages (connect, helo, data, unknown) that run deferred."},
+     "SMFIP_NR_* bits of the stages (connect, helo, header, data, unknown) that run deferred."},
     {"set_close_deferred", (PyCFunction)Context_set_close_deferred, METH_O,
      "True: close() runs at the next GIL hold, after the connection is gone."},
     {"set_header_filter", (PyCFunction)Context_set_header_filter, METH_O,
@@ -980,6 +985,7 @@ drop_pending(ContextObject *c)
     c->pending = NULL;
     c->pending_end = &c->pending;
     c->npending = 0;
+    c->pending_text = 0;
 }
 
 static void
@@ -1112,6 +1118,7 @@ alloc_context(void)
     c->pending = NULL;
     c->pending_end = &c->pending;
     c->npending = 0;
+    c->pending_text = 0;
     c->close_deferred = 0;
     c->closed_ctx = NULL;
     c->release_next = NULL;
@@ -1691,9 +1698,9 @@ call_noargs(ContextObject *c, int stage, const void *Py_UNUSED(args))
 static int
 defer(ContextObject *c, int stage, const void *args)
 {
-    const char *text = NULL;
+    const char *text = NULL, *value = NULL;
     const _SOCK_ADDR *addr = NULL;
-    size_t len, alen = 0;
+    size_t len, vlen = 0, alen = 0;
     struct pending *p;
 
     if (stage == ST_CONNECT) {
@@ -1703,13 +1710,26 @@ defer(ContextObject *c, int stage, const void *args)
         addr = a->hostaddr;
     } else if (stage == ST_HELO || stage == ST_UNKNOWN)
         text = args;
+    else if (stage == ST_HEADER) {
+        const struct header_args *a = args;
+
+        if (a->name == NULL || a->value == NULL)
+            return 0;
+        text = a->name;
+        value = a->value;
+        vlen = strlen(value) + 1;
+    }
     len = text != NULL ? strlen(text) + 1 : 1;
-    if (c->npending >= MAX_PENDING || (p = PyMem_RawMalloc(sizeof *p + len)) == NULL)
+    if (c->npending >= MAX_PENDING || len + vlen > MAX_PENDING_TEXT - c->pending_text
+        || (p = PyMem_RawMalloc(sizeof *p + len + vlen)) == NULL)
         return 0;
     p->next = NULL;
     p->stage = stage;
     p->has_text = text != NULL;
     memcpy(p->text, text != NULL ? text : "", len);
+    p->value_at = value != NULL ? len : 0;
+    if (value != NULL)
+        memcpy(p->text + len, value, vlen);
     p->has_addr = addr != NULL;
     memset(&p->addr, 0, sizeof p->addr);
     if (addr != NULL) {
@@ -1724,6 +1744,7 @@ defer(ContextObject *c, int stage, const void *args)
     *c->pending_end = p;
     c->pending_end = &p->next;
     c->npending++;
+    c->pending_text += len + vlen;
     return 1;
 }
 
@@ -1739,6 +1760,11 @@ call_pending(ContextObject *c, const struct pending *p)
     }
     if (p->stage == ST_HELO || p->stage == ST_UNKNOWN)
         return call_string(c, p->stage, text);
+    if (p->stage == ST_HEADER) {
+        struct header_args a = {p->text, p->text + p->value_at};
+
+        return call_header(c, ST_HEADER, &a);
+    }
     return call_noargs(c, p->stage, NULL);
 }
 
@@ -1756,8 +1782,10 @@ run_pending(ContextObject *c)
     int saved = c->stage;
 
     while ((p = c->pending) != NULL) {
-        if ((c->pending = p->next) == NULL)
+        if ((c->pending = p->next) == NULL) {
             c->pending_end = &c->pending;
+            c->pending_text = 0;
+        }
         c->npending--;
         if (carried(c) == NO_VERDICT && c->handler != NULL) {
             c->stage = p->stage;

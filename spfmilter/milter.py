@@ -147,7 +147,7 @@ class SpfMilter(lm.Milter):
         self.verdict = None
         return _VERDICTS[action]
 
-    @lm.noreply
+    @lm.deferred  # only judged at eom: runs there, without a GIL hand-off of its own
     def header(self, name: str, value: str) -> int:
         if name.lower() == "authentication-results":
             self.ar_seen += 1
@@ -306,7 +306,7 @@ class DmarcSpfMilter(SpfMilter):
         self.held = transaction.held(self.cfg, verdict)
         return self.held
 
-    @lm.noreply
+    @lm.deferred  # the From values wait for eoh, which runs it first
     def header(self, name: str, value: str) -> int:
         if self.held and name.lower() == "from":
             self.from_values.append(value)

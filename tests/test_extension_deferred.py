@@ -22,9 +22,10 @@ from libmilter_ext.testing import MilterClient
 from tests.procs import Daemon, edges_milter
 
 MILTERS = Path(__file__).parent / "milters"
-DEFERRED_NR = P.SMFIP_NR_CONN | P.SMFIP_NR_HELO | P.SMFIP_NR_DATA | P.SMFIP_NR_UNKN
-NO_NR = P.SMFI_CURR_PROT & ~(DEFERRED_NR | P.SMFIP_NR_MAIL | P.SMFIP_NR_RCPT | P.SMFIP_NR_HDR
-                             | P.SMFIP_NR_EOH | P.SMFIP_NR_BODY)
+DEFERRED_NR = (P.SMFIP_NR_CONN | P.SMFIP_NR_HELO | P.SMFIP_NR_HDR | P.SMFIP_NR_DATA
+               | P.SMFIP_NR_UNKN)
+NO_NR = P.SMFI_CURR_PROT & ~(DEFERRED_NR | P.SMFIP_NR_MAIL | P.SMFIP_NR_RCPT | P.SMFIP_NR_EOH
+                             | P.SMFIP_NR_BODY)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_deferred_calls_run_in_order_with_their_macros_at_the_next_python_stage(
     assert resp.action == "continue"
     expected = ["connect ok.example 2 ('192.0.2.1', 25) j=mx.test stage=connect",
                 "helo ok.example tls=TLSv1.3", "unknown FOO bar", "envfrom <a@example.org> i=Q1",
-                "rcpt <ok@example.org>", "data"]
+                "rcpt <ok@example.org>", "data", "header Subject: hi"]
     assert dict(resp.added_headers())["X-Calls"] == ";".join(expected)
     _wait_closed(deferred, serial)
     assert _calls(deferred, serial) == expected  # each exactly once
@@ -177,7 +178,8 @@ def test_a_data_verdict_is_answered_by_the_next_python_stage(deferred):
         assert c.mail("<a@example.org>").continues
         assert c.rcpt("<reject@example.org>").continues
         assert c.data().action == "noreply"
-        assert c.header("Subject", "hi").action == "reject"
+        assert c.header("Subject", "hi").action == "noreply"  # deferred too
+        assert c.eoh().action == "reject"
         c.abort()
         assert c.mail("<a@example.org>").continues  # the message scope ended
 
@@ -195,6 +197,50 @@ def test_more_deferred_calls_than_the_queue_holds_all_run_in_order(deferred):
     assert [x for x in calls if x.startswith("unknown ")] == [f"unknown {x}" for x in commands]
     assert calls.index("envfrom <a@example.org> i=None") == 2 + len(commands)
     assert resp.action == "continue"
+
+
+def test_deferred_header_fields_wait_in_order_within_the_queue_and_size_bounds(deferred):
+    """Wanted fields beyond 16 calls or 64 KiB of text still reach header() once
+    each, in order; fields the filter drops never do."""
+    before = _serials(deferred)
+    fields = [("X-Wanted", f"v{n}") for n in range(40)]
+    fields[5:5] = [("X-Other", "not wanted"), ("X-Wanted", "big " + "b" * 40000)]
+    fields[12:12] = [("Subject", "s " + "c" * 40000), ("X-Wanted", "d " + "d" * 60000)]
+    with MilterClient(deferred.spec) as c:
+        _session(c)
+        assert c.mail("<a@example.org>").continues
+        assert c.rcpt("<ok@example.org>").continues
+        assert c.data().action == "noreply"
+        for name, value in fields:
+            assert c.header(name, value).action == "noreply"
+        resp = c.message([], b"x\r\n")
+    assert resp.action == "continue", deferred.stderr()[-3000:]
+    wanted = [(n, v) for n, v in fields if n != "X-Other"]
+    assert dict(resp.added_headers())["X-Headers"] == ",".join(n for n, _ in wanted)
+    serial = _new_serial(deferred, before)
+    _wait_closed(deferred, serial)
+    calls = [x for x in _calls(deferred, serial) if x.startswith("header ")]
+    assert calls == [f"header {n}: {v if len(v) <= 40 else f'{v[:20]}... ({len(v)})'}"
+                     for n, v in wanted]
+
+
+def test_deferred_header_fields_take_no_gil_of_their_own(deferred):
+    """Ten wanted fields cost a message no more GIL entries than none; three of
+    30,000 octets overflow the 64 KiB the waiting calls may hold once."""
+    big = [("X-Wanted", f"{n} " + "v" * 30000) for n in range(3)]
+    small = [("Subject", "hi")] + [("X-Wanted", str(n)) for n in range(9)]
+    gil = []
+    with MilterClient(deferred.spec) as c:
+        _session(c)
+        for fields in ([], [], small, big):
+            assert c.mail("<a@example.org>").continues
+            assert c.rcpt("<ok@example.org>").continues
+            assert c.data().action == "noreply"
+            resp = c.message(fields, b"x\r\n")
+            gil.append(int(dict(resp.added_headers())["X-Gil"]))
+            assert dict(resp.added_headers())["X-Headers"] == ",".join(n for n, _ in fields)
+    none, ten, three_big = (b - a for a, b in zip(gil, gil[1:]))
+    assert (ten, three_big) == (none, none + 1), gil
 
 
 def _message_after_mail(c: MilterClient):
@@ -223,7 +269,7 @@ def test_quit_nc_session_defers_too_and_the_old_close_runs_first(deferred):
 
 
 def test_only_stages_that_always_answer_can_be_deferred():
-    with pytest.raises(TypeError, match="Bad.envfrom: only connect, helo, data, unknown"):
+    with pytest.raises(TypeError, match="Bad.envfrom: only connect, helo, header, data, unknown"):
         class Bad(lm.Milter):
             @lm.deferred
             def envfrom(self, sender, *params):
@@ -295,14 +341,12 @@ def test_deferred_verdicts_follow_the_no_reply_model(deferred, host, helo, unkno
         if got[-1] == "continue":
             got.append(c.rcpt(f"<{rcpt}@example.org>").action)
             assert c.data().action == "noreply"
-            got.append(c.header("Subject", subject).action)  # runs data() first
-            if got[-1] == "continue":
-                got.append(c.eoh().action)
+            assert c.header("Subject", subject).action == "noreply"
+            got.append(c.eoh().action)  # runs data() and header() first
         if session != "continue":
             assert got == [session]
         else:
-            header = _first(rcpt, subject)
-            assert got == ["continue", "continue", header] + ["continue"] * (header == "continue")
+            assert got == ["continue", "continue", _first(rcpt, subject)]
             c.abort()
             # the next transaction: the data verdict ended with the message
             assert c.mail("<ok@example.org>").action == "continue"

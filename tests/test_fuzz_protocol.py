@@ -2,7 +2,7 @@
 
 Each example opens one to four connections at once to the kitchen milter
 (``tests/milters/kitchen.py``, built on the extension), run twice: as it is,
-and with connect, helo, data, unknown and close ``@deferred``.  A connection plays
+and with connect, helo, header, data, unknown and close ``@deferred``.  A connection plays
 either a well-formed MTA (a ``MilterClient`` following the milter's verdicts:
 sessions, transactions, aborts and QUIT_NC anywhere the protocol allows) or a
 hostile one (raw packets: wrong lengths, unknown commands, stages out of

@@ -17,8 +17,8 @@ Usage: edges.py SOCKET_SPEC MODE [PARK_LIMIT], MODE one of
   rawhook   like replying, but registered with the C module's own error hook
             directly: <exit@...> makes the hook raise SystemExit, <hook99@...>
             makes it return 99.
-  deferred  like replying, but connect, helo, data, unknown and close are
-            @deferred; each call is printed (with the macros it reads) and
+  deferred  like replying, but connect, helo, header, data, unknown and close
+            are @deferred; each call is printed (with the macros it reads) and
             listed in X-Calls at eom; data's verdict is picked by the first
             recipient's local part, unknown's by the command's first word.
   lazy      like replying with connect @deferred, registered as a factory with
@@ -183,6 +183,12 @@ class Deferred(Replying):
         return _verdict(self.rcpt_word)
 
     @lm.deferred
+    def header(self, name, value):
+        shown = value if len(value) <= 40 else f"{value[:20]}... ({len(value)})"
+        self._call(f"header {name}: {shown}")
+        return super().header(name, value)
+
+    @lm.deferred
     def unknown(self, command):
         self._call(f"unknown {command}")
         return _verdict(command.split()[0].lower())
@@ -192,6 +198,7 @@ class Deferred(Replying):
 
     def eom(self):
         self.addheader("X-Calls", ";".join(self.calls))
+        self.addheader("X-Gil", str(lm._milter._gil_entries()))
         return super().eom()
 
     @lm.deferred

@@ -3,7 +3,7 @@
 Driven by what the client sends: the MAIL FROM local part picks a verdict, an
 ``X-Do`` header lists actions for eom.  Reports what it saw in ``X-Seen-*``
 headers added at eom, and on stdout.  Usage: kitchen.py SOCKET_SPEC [--deferred]
-(--deferred: connect, helo, data, unknown and close are @lm.deferred)
+(--deferred: connect, helo, header, data, unknown and close are @lm.deferred)
 """
 
 from __future__ import annotations
@@ -188,6 +188,10 @@ class DeferredKitchen(Kitchen):
     @lm.deferred
     def data(self):
         return super().data()
+
+    @lm.deferred
+    def header(self, name, value):
+        return super().header(name, value)
 
     @lm.deferred
     def unknown(self, command):
