@@ -60,7 +60,8 @@ def version() -> tuple[int, int, int]: ...
 def _park_limit(limit: int, /) -> int: ...
 def _gil_entries() -> int:
     """How many times libmilter callbacks took the GIL since the module was loaded."""
-def disarm_signal_thread(tid: int, /) -> bool: ...
+def signal_threads_parked(more_than: int, timeout: float, /) -> int:
+    """Wait up to timeout s for more than more_than signal threads in our sigwait()."""
 
 SMFIS_CONTINUE: int
 SMFIS_REJECT: int

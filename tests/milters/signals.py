@@ -1,6 +1,7 @@
 """The kitchen milter started in the ways tests/test_signals.py needs.
 
 Usage: signals.py SOCKET_SPEC MODE, MODE one of
+  hup             on_hup prints "hup"
   hup-raises      on_hup prints "hup" and raises
   thread          handle_signals() in the main thread, run() in another one
   thread-refused  run() in another thread without handle_signals()
@@ -45,7 +46,9 @@ def serve_in_thread(spec: str) -> int:
 
 def main(spec: str, mode: str) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
-    if mode == "hup-raises":
+    if mode == "hup":
+        lm.run(Kitchen, spec, "kitchen", timeout=30, on_hup=on_hup)
+    elif mode == "hup-raises":
         lm.run(Kitchen, spec, "kitchen", timeout=30, on_hup=raising_hup)
     elif mode == "thread":
         lm.handle_signals()
