@@ -47,6 +47,9 @@ NO_SOA_NAMES = ("nosoa.dns.test",)
 PROBE_ZONE = "spf.test"
 START_TIMEOUT = 10.0
 UPSTREAM_TIMEOUT = 5.0
+#: Linux: kernel receive timestamps (struct timespec, CLOCK_REALTIME) of datagrams;
+#: Python's socket module does not name it.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 def _free_port(host: str) -> int:
@@ -109,6 +112,15 @@ def _qkey(wire: bytes) -> tuple[str, str]:
     return (name, dns.rdatatype.to_text(question.rdtype))
 
 
+def _received_ns(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The kernel's receive time of a datagram (SO_TIMESTAMPNS), else now."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return seconds * 1_000_000_000 + nanoseconds
+    return time.time_ns()
+
+
 def _under(name: str, parents: Sequence[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in parents)
 
@@ -142,6 +154,8 @@ class _Front:
         self.unanswered = unanswered
         self.no_soa = tuple(d.lower().rstrip(".") for d in no_soa)
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.retransmissions: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._first_answer: dict[tuple[str, str], int] = {}  # time.time_ns() it went out
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -164,6 +178,8 @@ class _Front:
                         socks.append(sock)
                         if family == socket.AF_INET6:
                             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        if kind == socket.SOCK_DGRAM:
+                            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                         sock.bind((host, port))
                         port = sock.getsockname()[1]
                         if kind == socket.SOCK_STREAM:
@@ -198,19 +214,38 @@ class _Front:
     def reset(self) -> None:
         with self._lock:
             self.queries.clear()
+            self.retransmissions.clear()
+            self._first_answer.clear()
 
     def snapshot(self) -> collections.Counter[tuple[str, str]]:
         with self._lock:
             return collections.Counter(self.queries)
 
-    def _admit(self, wire: bytes) -> bool:
-        """Count a query; False when it must go unanswered."""
+    def retransmitted(self) -> collections.Counter[tuple[str, str]]:
+        with self._lock:
+            return collections.Counter(self.retransmissions)
+
+    def _admit(self, wire: bytes, received_ns: int) -> bool:
+        """Count a query; False when it must go unanswered.
+
+        A question asked again before the first answer to it went out (by
+        the kernel's receive time) is also counted as a retransmission: the
+        asker cannot have had the answer yet, so it is no second cache miss.
+        """
         key = _qkey(wire)
         with self._lock:
+            if self.queries[key] and received_ns < self._first_answer.get(key, received_ns + 1):
+                self.retransmissions[key] += 1
             self.queries[key] += 1
         if self.unanswered is not None and self.unanswered(*key):
             return False
         return not _under(key[0], self.drop)
+
+    def _answering(self, wire: bytes) -> None:
+        """Just before an answer goes out: a query received later is no retry."""
+        sent = time.time_ns()
+        with self._lock:
+            self._first_answer.setdefault(_qkey(wire), sent)
 
     def _rewrite(self, wire: bytes, answer: bytes) -> bytes:
         """The answer as the client gets it: without authority under no_soa names."""
@@ -248,8 +283,9 @@ class _Front:
                     assert isinstance(sock, socket.socket)
                     try:
                         if sock.type == socket.SOCK_DGRAM:
-                            wire, client = sock.recvfrom(65535)
-                            if self._admit(wire):
+                            wire, ancillary, _, client = sock.recvmsg(
+                                65535, socket.CMSG_SPACE(16))
+                            if self._admit(wire, _received_ns(ancillary)):
                                 self._spawn(self._relay_udp, sock, wire, client)
                         else:
                             conn, _ = sock.accept()
@@ -264,6 +300,7 @@ class _Front:
             up.settimeout(UPSTREAM_TIMEOUT)
             up.sendto(wire, self.upstream)
             answer = up.recv(65535)
+        self._answering(wire)
         listener.sendto(self._rewrite(wire, answer), client)
 
     def _serve_tcp(self, conn: socket.socket) -> None:
@@ -275,12 +312,13 @@ class _Front:
                     except ConnectionError:
                         return
                     wire = _recv_exact(conn, size)
-                    if not self._admit(wire):
+                    if not self._admit(wire, time.time_ns()):
                         continue
                     with socket.create_connection(self.upstream, UPSTREAM_TIMEOUT) as up:
                         up.sendall(struct.pack("!H", len(wire)) + wire)
                         (size,) = struct.unpack("!H", _recv_exact(up, 2))
                         answer = self._rewrite(wire, _recv_exact(up, size))
+                    self._answering(wire)
                     conn.sendall(struct.pack("!H", len(answer)) + answer)
         finally:
             with self._lock:
@@ -293,7 +331,9 @@ class DnsServer:
     ``host``/``port`` (and ``host6``) address the relay, which answers on
     127.0.0.1 and ::1 alike (or on other addresses of this host, e.g. in a
     network namespace, given as *host* and *host6*).  ``queries`` counts
-    queries seen by (name, type), names lower-case without the final dot.
+    queries seen by (name, type), names lower-case without the final dot;
+    ``retransmissions`` those of them that repeated a question before its
+    first answer went out (a resolver's retry, not a second cache miss).
     Queries under ``drop`` names, or for which ``unanswered(name, type)`` is
     true, get no answer; answers under ``no_soa`` names lose their authority
     section.
@@ -347,6 +387,11 @@ class DnsServer:
     def queries(self) -> collections.Counter[tuple[str, str]]:
         """A snapshot of the query counts by (name, type)."""
         return self._running_front().snapshot()
+
+    @property
+    def retransmissions(self) -> collections.Counter[tuple[str, str]]:
+        """Of ``queries``, the retries: asked again before the first answer went out."""
+        return self._running_front().retransmitted()
 
     @property
     def total_queries(self) -> int:
