@@ -663,12 +663,12 @@ def _hup() -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    if signum != signal.SIGHUP or _Control.on_hup is None:
+    if signum != signal.SIGHUP:
         stop()
         return
     _Control.hups.append(signum)
     if _Control.running:
-        _hup()  # else main() does, once it serves
+        _hup()  # else main() does, once it serves, with the on_hup it has then
 
 
 def hold_signals() -> None:
@@ -686,11 +686,13 @@ def handle_signals(*, on_hup: Callable[[], None] | None = None) -> None:
 
     main() does this itself; call it earlier (run() does, before it opens
     the socket) so that a SIGTERM during start-up also ends in a clean stop.
-    A SIGHUP that comes before main() serves is not lost: on_hup runs once
-    for it as soon as main() has started smfi_main.  Signals held by
+    A SIGHUP that comes before main() serves is not lost: on_hup (the one
+    main() is given, if any) runs once for it as soon as main() has started
+    smfi_main; without one the milter then stops.  Signals held by
     :func:`hold_signals` are taken now.  Only the main thread can take
     signals: to serve from another thread, call this first in the main
-    thread.  An exception in on_hup is logged and the milter goes on.
+    thread (which then waits with a timeout: Python runs a handler only
+    between waits).  An exception in on_hup is logged and the milter goes on.
     """
     _Control.on_hup = on_hup
     for sig in _SIGNALS:
@@ -698,6 +700,7 @@ def handle_signals(*, on_hup: Callable[[], None] | None = None) -> None:
         if previous is not _on_signal:
             _Control.previous[sig] = previous
     if threading.current_thread() is threading.main_thread():
+        _milter.forward_signals(_SIGNALS)  # one taken by another thread reaches this one
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 

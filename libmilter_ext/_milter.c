@@ -2334,6 +2334,69 @@ mod_signal_threads_parked(PyObject *Py_UNUSED(m), PyObject *args)
     return PyLong_FromLong(count);
 }
 
+/*
+ * Python runs its signal handlers in the main thread only, when it next
+ * executes bytecode; a signal the kernel hands to another thread (it does
+ * when the main thread has one pending already) only sets a flag, and a main
+ * thread blocked in a wait that is not interrupted (thread.join() while main()
+ * serves from another thread) never sees it.  forward_signals(signums)
+ * wraps Python's C handler of each: in another thread the wrapper sends the
+ * signal on to the main thread (pthread_kill, async-signal-safe), in the main
+ * thread it calls Python's.  A later signal.signal() replaces the wrapper.
+ */
+#define FORWARD_MAX 65
+static pthread_t forward_to;
+static void (*python_handler[FORWARD_MAX])(int);
+
+static void
+forward_handler(int sig)
+{
+    if (!pthread_equal(pthread_self(), forward_to))
+        pthread_kill(forward_to, sig);
+    else if (python_handler[sig] != NULL)
+        python_handler[sig](sig);
+}
+
+static PyObject *
+mod_forward_signals(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "forward_signals() takes a sequence of signals");
+    Py_ssize_t i, n;
+
+    if (seq == NULL)
+        return NULL;
+    forward_to = pthread_self();
+    n = PySequence_Fast_GET_SIZE(seq);
+    for (i = 0; i < n; i++) {
+        long sig = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        struct sigaction act;
+
+        if (sig == -1 && PyErr_Occurred())
+            break;
+        if (sig <= 0 || sig >= FORWARD_MAX) {
+            PyErr_Format(PyExc_ValueError, "signal number out of range: %ld", sig);
+            break;
+        }
+        if (sigaction((int)sig, NULL, &act) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        if ((act.sa_flags & SA_SIGINFO) || act.sa_handler == SIG_DFL
+            || act.sa_handler == SIG_IGN || act.sa_handler == forward_handler)
+            continue;  /* not a plain handler (Python's), or wrapped already */
+        python_handler[sig] = act.sa_handler;
+        act.sa_handler = forward_handler;
+        if (sigaction((int)sig, &act, NULL) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+    }
+    Py_DECREF(seq);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"register", (PyCFunction)(void (*)(void))mod_register, METH_VARARGS | METH_KEYWORDS,
      "register(name, factory, error_hook=None, flags=0, cls=None): smfi_register with every "
@@ -2357,6 +2420,9 @@ static PyMethodDef module_methods[] = {
     {"version", mod_version, METH_NOARGS, "(major, minor, patch) of the libmilter in use."},
     {"_gil_entries", mod_gil_entries, METH_NOARGS,
      "How many times libmilter callbacks took the GIL so far (for tests and benchmarks)."},
+    {"forward_signals", mod_forward_signals, METH_O,
+     "forward_signals(signums), in the main thread: each of these signals that "
+     "another thread takes is sent on to this one, which runs Python's handler."},
     {"signal_threads_parked", mod_signal_threads_parked, METH_VARARGS,
      "signal_threads_parked(more_than, timeout): wait up to timeout s until more than "
      "more_than of libmilter's signal threads sleep in our sigwait(); returns how many do."},

@@ -60,6 +60,8 @@ def version() -> tuple[int, int, int]: ...
 def _park_limit(limit: int, /) -> int: ...
 def _gil_entries() -> int:
     """How many times libmilter callbacks took the GIL since the module was loaded."""
+def forward_signals(signums: tuple[int, ...], /) -> None:
+    """In the main thread: these signals, taken by another thread, are sent on to it."""
 def signal_threads_parked(more_than: int, timeout: float, /) -> int:
     """Wait up to timeout s for more than more_than signal threads in our sigwait()."""
 

@@ -147,10 +147,11 @@ def takes_signal(pid: int, sig: int) -> bool:
     return bool(mask & 1 << (sig - 1))
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0,
+               what: str = "condition") -> None:
     """Poll predicate until it is true; AssertionError after timeout seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
+            raise AssertionError(f"{what} not reached")
         time.sleep(0.02)

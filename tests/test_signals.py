@@ -6,6 +6,7 @@ and hundreds of SIGHUPs under load: the milter keeps answering throughout.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import shutil
@@ -135,6 +136,38 @@ def test_run_off_the_main_thread_stops_cleanly_on_sigterm(workdir: Path) -> None
         MilterClient(milter.spec, timeout=2).open()
 
 
+def thread_taking(pid: int, sig: int) -> int:
+    """A thread of pid, not the main one, that does not block sig."""
+    for name in sorted(os.listdir(f"/proc/{pid}/task")):
+        status = Path(f"/proc/{pid}/task/{name}/status").read_text()
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        if int(name) != pid and not blocked & 1 << (sig - 1):
+            return int(name)
+    raise AssertionError(f"every thread of {pid} but the main one blocks {sig}")
+
+
+def test_a_signal_another_thread_takes_reaches_the_main_thread(workdir: Path) -> None:
+    """The kernel hands a process's signal to another thread when the main one has one
+    pending; the main thread, blocked in join() while run() serves in a thread,
+    never ran Python's handler for it."""
+    tgkill = ctypes.CDLL(None, use_errno=True).tgkill  # glibc 2.30+
+    milter = signals_milter(workdir, "thread-untimed").start()
+    try:
+        assert full_session(milter.spec) == "appended"
+        pid = milter.proc.pid
+        worker = thread_taking(pid, signal.SIGHUP)  # the thread that called run()
+        assert tgkill(pid, worker, signal.SIGHUP) == 0
+        wait_until(lambda: "hup" in milter.stdout(), 10, "on_hup")
+        assert full_session(milter.spec) == "appended"
+        assert tgkill(pid, thread_taking(pid, signal.SIGTERM), signal.SIGTERM) == 0
+        assert milter.proc.wait(20) == 0
+    finally:
+        if milter.proc.poll() is None:
+            milter.proc.kill()
+            milter.proc.wait()
+    assert milter.stdout().splitlines()[-2:] == ["run returned", "stopped"]
+
+
 # -- item 12: SIGHUP never reaches libmilter's signal thread ---------------------------
 
 
@@ -241,6 +274,9 @@ def test_a_signal_at_any_point_of_start_up_reloads_once_or_stops_cleanly(workdir
                                                                           sig: int) -> None:
     """SIGHUP: on_hup runs exactly once and the milter serves; SIGTERM: a clean stop.
 
+    run() in the main thread, or in another after handle_signals() (on_hup is
+    then given only to run(), later than the signal may come).
+
     Before, a SIGHUP there could stop the milter (libmilter's signal thread took
     it before it was parked) or kill it (before main() took the signals).
     """
@@ -249,14 +285,19 @@ def test_a_signal_at_any_point_of_start_up_reloads_once_or_stops_cleanly(workdir
         work = workdir / f"r{round_}"
         work.mkdir()
         spec = f"unix:{work}/m.sock"
-        milter = Daemon([PYTHON, str(MILTERS / "signals.py"), spec, "hup"], spec, work)
+        mode = ("hup", "thread")[round_ % 2]  # run() in the main thread, or in another
+        milter = Daemon([PYTHON, str(MILTERS / "signals.py"), spec, mode], spec, work)
         point = POINTS[round_ % len(POINTS)]
         delay = rng.choice((0.0, rng.uniform(0, 0.02)))
         try:
-            where = f"round {round_}: " + signal_during_start_up(
+            where = f"round {round_}, {mode}: " + signal_during_start_up(
                 milter, sig, point, delay, lambda spec=spec: accepts(spec))
             if sig == signal.SIGHUP:
-                wait_until(lambda m=milter: "hup" in m.stdout() or m.proc.poll() is not None)
+                try:
+                    wait_until(lambda m=milter: "hup" in m.stdout() or m.proc.poll() is not None)
+                except AssertionError:
+                    raise AssertionError(f"{where}: no on_hup, no exit\nstdout:\n"
+                                         f"{milter.stdout()}\nstderr:\n{milter.stderr()}") from None
                 assert milter.proc.poll() is None, \
                     f"{where}: exited with {milter.proc.returncode}\n{milter.stderr()}"
                 wait_for_socket(spec, milter.proc)
@@ -297,7 +338,7 @@ def test_spfmilter_signal_at_any_point_of_start_up(workdir: Path, dns_server,
                 spf, sig, point, delay, pidfile.exists, edit)
             if sig == signal.SIGHUP:
                 wait_until(lambda d=spf: "configuration reloaded" in d.stderr()
-                           or d.proc.poll() is not None)
+                           or d.proc.poll() is not None, what=f"{where}: a reload or an exit")
                 assert spf.proc.poll() is None, \
                     f"{where}: exited with {spf.proc.returncode}\n{spf.stderr()}"
                 wait_for_socket(spec, spf.proc)
