@@ -147,7 +147,8 @@ class _Front:
     def __init__(self, upstream: tuple[str, int], drop: Sequence[str],
                  unanswered: Callable[[str, str], bool] | None = None,
                  no_soa: Sequence[str] = (),
-                 listen: tuple[str, str] = ("127.0.0.1", "::1")) -> None:
+                 listen: tuple[str, str] = ("127.0.0.1", "::1"),
+                 late: float | None = None) -> None:
         self.upstream = upstream
         self.listen = listen
         self.drop = tuple(d.lower().rstrip(".") for d in drop)
@@ -155,7 +156,11 @@ class _Front:
         self.no_soa = tuple(d.lower().rstrip(".") for d in no_soa)
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
         self.retransmissions: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._first_answer: dict[tuple[str, str], int] = {}  # time.time_ns() it went out
+        # when the first answer in time to each question went out (time.time_ns());
+        # an answer later than *late* seconds after its query comes too late for
+        # the asker, which has given up on it (None: never too late)
+        self._first_answer: dict[tuple[str, str], int] = {}
+        self._late_ns = None if late is None else int(late * 1e9)
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -228,9 +233,9 @@ class _Front:
     def _admit(self, wire: bytes, received_ns: int) -> bool:
         """Count a query; False when it must go unanswered.
 
-        A question asked again before the first answer to it went out (by
+        A question asked again before an answer to it went out in time (by
         the kernel's receive time) is also counted as a retransmission: the
-        asker cannot have had the answer yet, so it is no second cache miss.
+        asker cannot have had the answer, so it is no second cache miss.
         """
         key = _qkey(wire)
         with self._lock:
@@ -241,9 +246,11 @@ class _Front:
             return False
         return not _under(key[0], self.drop)
 
-    def _answering(self, wire: bytes) -> None:
-        """Just before an answer goes out: a query received later is no retry."""
+    def _answering(self, wire: bytes, received_ns: int) -> None:
+        """Just before an answer goes out: if in time, a query received later is no retry."""
         sent = time.time_ns()
+        if self._late_ns is not None and sent - received_ns > self._late_ns:
+            return
         with self._lock:
             self._first_answer.setdefault(_qkey(wire), sent)
 
@@ -285,8 +292,9 @@ class _Front:
                         if sock.type == socket.SOCK_DGRAM:
                             wire, ancillary, _, client = sock.recvmsg(
                                 65535, socket.CMSG_SPACE(16))
-                            if self._admit(wire, _received_ns(ancillary)):
-                                self._spawn(self._relay_udp, sock, wire, client)
+                            received = _received_ns(ancillary)
+                            if self._admit(wire, received):
+                                self._spawn(self._relay_udp, sock, wire, client, received)
                         else:
                             conn, _ = sock.accept()
                             with self._lock:
@@ -295,12 +303,13 @@ class _Front:
                     except OSError as exc:
                         self.errors.append(exc)
 
-    def _relay_udp(self, listener: socket.socket, wire: bytes, client: tuple) -> None:
+    def _relay_udp(self, listener: socket.socket, wire: bytes, client: tuple,
+                   received_ns: int) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
             up.settimeout(UPSTREAM_TIMEOUT)
             up.sendto(wire, self.upstream)
             answer = up.recv(65535)
-        self._answering(wire)
+        self._answering(wire, received_ns)
         listener.sendto(self._rewrite(wire, answer), client)
 
     def _serve_tcp(self, conn: socket.socket) -> None:
@@ -312,13 +321,14 @@ class _Front:
                     except ConnectionError:
                         return
                     wire = _recv_exact(conn, size)
-                    if not self._admit(wire, time.time_ns()):
+                    received = time.time_ns()
+                    if not self._admit(wire, received):
                         continue
                     with socket.create_connection(self.upstream, UPSTREAM_TIMEOUT) as up:
                         up.sendall(struct.pack("!H", len(wire)) + wire)
                         (size,) = struct.unpack("!H", _recv_exact(up, 2))
                         answer = self._rewrite(wire, _recv_exact(up, size))
-                    self._answering(wire)
+                    self._answering(wire, received)
                     conn.sendall(struct.pack("!H", len(answer)) + answer)
         finally:
             with self._lock:
@@ -332,8 +342,10 @@ class DnsServer:
     127.0.0.1 and ::1 alike (or on other addresses of this host, e.g. in a
     network namespace, given as *host* and *host6*).  ``queries`` counts
     queries seen by (name, type), names lower-case without the final dot;
-    ``retransmissions`` those of them that repeated a question before its
-    first answer went out (a resolver's retry, not a second cache miss).
+    ``retransmissions`` those of them that repeated a question before an
+    answer to it went out in time (a resolver's retry, not a second cache
+    miss); an answer sent more than *late* seconds after its query is too
+    late for the resolver (give its timeout), by default none is.
     Queries under ``drop`` names, or for which ``unanswered(name, type)`` is
     true, get no answer; answers under ``no_soa`` names lose their authority
     section.
@@ -353,6 +365,7 @@ class DnsServer:
         probe_zone: str = PROBE_ZONE,
         host: str | None = None,
         host6: str | None = None,
+        late: float | None = None,
     ) -> None:
         self.host = host or self.host
         self.host6 = host6 or self.host6
@@ -362,6 +375,7 @@ class DnsServer:
         self.drop = tuple(drop)
         self.unanswered = unanswered
         self.no_soa = tuple(no_soa)
+        self.late = late
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._front: _Front | None = None
@@ -415,7 +429,8 @@ class DnsServer:
         try:
             self._start_nsd()
             self._front = _Front((self.host, self.backend_port), self.drop,
-                                 self.unanswered, self.no_soa, (self.host, self.host6))
+                                 self.unanswered, self.no_soa, (self.host, self.host6),
+                                 self.late)
             self._front.start()
             for host in (self.host, self.host6):
                 self._wait_ready(host, self.port, udp=False)
