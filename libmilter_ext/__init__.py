@@ -819,12 +819,12 @@ def run(factory: Callable[[], Milter], socket: str, name: str, *, timeout: int =
     in the main thread (see main()); otherwise RuntimeError, before anything opens.
     """
     in_main_thread = _check_thread()
+    register(factory, name)
     if in_main_thread:  # from here a signal stops or reloads, never kills
         handle_signals(on_hup=on_hup if on_hup is not None else _Control.on_hup)
     elif on_hup is not None:
         _Control.on_hup = on_hup
     try:
-        register(factory, name)
         settimeout(timeout)
         if backlog is not None:
             setbacklog(backlog)
