@@ -28,10 +28,16 @@ import os
 import re
 import signal
 import socket as _socket
+import sys
 import threading
 import time
 from typing import Any, Callable, ClassVar
 
+# RTLD_DEEPBIND: libmilter's own calls bind to this module's definitions first,
+# so its signal thread sleeps in _milter.c's sigwait() (see there) and never
+# takes a SIGHUP; restored at once, as the flags are process-wide.
+_DLOPEN_FLAGS = sys.getdlopenflags()
+sys.setdlopenflags(_DLOPEN_FLAGS | getattr(os, "RTLD_DEEPBIND", 0))
 try:
     import libmilter_ext._milter as _milter
 except ImportError as _exc:
@@ -42,7 +48,9 @@ except ImportError as _exc:
     if not _unbuilt.explains(_exc, __name__):
         raise
     _milter = _unbuilt.stand_in(_exc, __name__)
-from ._milter import (  # noqa: F401  (re-exported)
+finally:
+    sys.setdlopenflags(_DLOPEN_FLAGS)
+from ._milter import (  # noqa: E402, F401  (re-exported; after the dlopen flags)
     SMFIF_ADDHDRS,
     SMFIF_ADDRCPT,
     SMFIF_ADDRCPT_PAR,
@@ -91,7 +99,8 @@ from ._milter import (  # noqa: F401  (re-exported)
 
 __all__ = [
     "ACCEPT", "CONTINUE", "DISCARD", "NOREPLY", "REJECT", "SKIP", "TEMPFAIL",
-    "Context", "Milter", "MilterError", "StageError", "deferred", "handle_signals", "main",
+    "Context", "Milter", "MilterError", "StageError", "deferred", "handle_signals",
+    "hold_signals", "main",
     "noreply",
     "open_socket",
     "register", "run", "set_factory", "setbacklog", "setdbg", "setmaxdatasize", "settimeout",
@@ -626,6 +635,8 @@ class _Control:
     stop_requested = False
     running = False
     on_hup: Callable[[], None] | None = None
+    hups: list[int] = []  # SIGHUPs taken and not yet handled (one token each)
+    reloading = False
     previous: dict[int, Any] = {}
 
 
@@ -646,30 +657,77 @@ def stop() -> None:
         stopper.join(0.05)
 
 
-def _on_signal(signum: int, frame: Any) -> None:
-    if signum == signal.SIGHUP and _Control.on_hup is not None:
+def _take_hups() -> bool:
+    """Take every SIGHUP token waiting (each one exactly once); True if there was one."""
+    taken = False
+    while True:
         try:
-            _Control.on_hup()
-        except Exception:  # a failed reload must not take the milter down
-            log.exception("SIGHUP handler %s failed; still serving",
-                          getattr(_Control.on_hup, "__qualname__", _Control.on_hup))
-    else:
+            _Control.hups.pop()  # atomic: the main thread's handler and main() share it
+        except IndexError:
+            return taken
+        taken = True
+
+
+def _hup() -> None:
+    """Call on_hup once for the SIGHUPs taken so far; one arriving meanwhile is next."""
+    if _Control.reloading:
+        return  # the running call takes it when it ends
+    _Control.reloading = True
+    try:
+        while _take_hups():
+            on_hup = _Control.on_hup
+            if on_hup is None:
+                stop()
+                return
+            try:
+                on_hup()
+            except Exception:  # a failed reload must not take the milter down
+                log.exception("SIGHUP handler %s failed; still serving",
+                              getattr(on_hup, "__qualname__", on_hup))
+    finally:
+        _Control.reloading = False
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if signum != signal.SIGHUP:
         stop()
+        return
+    _Control.hups.append(signum)
+    if _Control.running:
+        _hup()  # else main() does, once it serves, with the on_hup it has then
+
+
+def hold_signals() -> None:
+    """Block SIGTERM, SIGINT and SIGHUP in this thread until handle_signals().
+
+    Call it first thing in the main thread, before anything else starts (a
+    thread started afterwards blocks them too): a signal sent meanwhile waits
+    instead of killing the process, and is taken once handle_signals() runs.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
 
 
 def handle_signals(*, on_hup: Callable[[], None] | None = None) -> None:
     """Take SIGTERM/SIGINT (stop) and SIGHUP (on_hup, or stop) now.
 
-    main() does this itself; call it earlier (before opening the socket, say) so
-    that a SIGTERM during start-up also ends in a clean stop.  Only the main
-    thread can take signals: to serve from another thread, call this first in
-    the main thread.  An exception in on_hup is logged and the milter goes on.
+    main() does this itself; call it earlier (run() does, before it opens
+    the socket) so that a SIGTERM during start-up also ends in a clean stop.
+    A SIGHUP that comes before main() serves is not lost: on_hup (the one
+    main() is given, if any) runs once for it as soon as main() has started
+    smfi_main; without one the milter then stops.  Signals held by
+    :func:`hold_signals` are taken now.  Only the main thread can take
+    signals: to serve from another thread, call this first in the main
+    thread (which then waits with a timeout: Python runs a handler only
+    between waits).  An exception in on_hup is logged and the milter goes on.
     """
     _Control.on_hup = on_hup
     for sig in _SIGNALS:
         previous = signal.signal(sig, _on_signal)
         if previous is not _on_signal:
             _Control.previous[sig] = previous
+    if threading.current_thread() is threading.main_thread():
+        _milter.forward_signals(_SIGNALS)  # one taken by another thread reaches this one
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
 def _restore_signals() -> None:
@@ -678,47 +736,24 @@ def _restore_signals() -> None:
     _Control.previous = {}
 
 
-def _sigwaiting_threads() -> list[int]:
-    """Linux ids of this process's threads blocked in sigwait, other than Python's."""
-    ours = {t.native_id for t in threading.enumerate()}
-    found = []
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return []
-    for name in tids:
-        try:
-            with open(f"/proc/self/task/{name}/wchan") as fh:
-                wchan = fh.read()
-        except OSError:
-            continue
-        if "sigtimedwait" in wchan and int(name) not in ours:
-            found.append(int(name))
-    return found
+_SIGNAL_THREAD_WAIT = 5.0  # seconds for libmilter's signal thread to reach our sigwait()
 
 
-def _disarm_libmilter_signals(running: threading.Thread, timeout: float = 5.0) -> None:
-    """Park libmilter's signal thread for good once smfi_main has started it.
+def _await_signal_thread(running: threading.Thread, parked_before: int) -> None:
+    """Wait until libmilter's signal thread, started by smfi_main, sleeps in our sigwait().
 
-    It sigwaits SIGHUP/SIGTERM/SIGINT and stops the milter on any of them; the
-    kernel gives it a signal whenever the main thread has another one pending.
-    With it gone, only Python's handlers see those signals.
+    If libmilter does not call our sigwait() (the module was not loaded with
+    RTLD_DEEPBIND, or libmilter is linked in statically), its own stops the
+    milter on a SIGHUP that reaches it: say so loudly.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + _SIGNAL_THREAD_WAIT
     while running.is_alive() and time.monotonic() < deadline:
-        tids = _sigwaiting_threads()
-        if len(tids) == 1:
-            try:
-                if _milter.disarm_signal_thread(tids[0]):
-                    log.debug("libmilter's signal thread %d parked", tids[0])
-                    return
-            except OSError as exc:
-                log.warning("cannot park libmilter's signal thread: %s", exc)
-                return
-        time.sleep(0.005)
+        if _milter.signal_threads_parked(parked_before, 0.05) > parked_before:
+            log.debug("libmilter's signal thread is parked")
+            return
     if running.is_alive():
-        log.warning("libmilter's signal thread not found: a SIGHUP that arrives while"
-                    " another signal is pending may stop the milter")
+        log.error("libmilter's signal thread did not call libmilter_ext's sigwait(): a SIGHUP"
+                  " that reaches it stops the milter")
 
 
 def _check_thread() -> bool:
@@ -744,10 +779,13 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
 
     smfi_main runs in a helper thread so that the Python main thread keeps
     receiving signals: SIGHUP calls on_hup (e.g. reload a config) instead of
-    stopping the milter, which is what libmilter alone would do; libmilter's own
-    signal thread, which would stop it, is parked once started.  From another
-    thread, main() serves only after handle_signals() ran in the main thread
-    (else RuntimeError); it then returns in that thread on SIGTERM/SIGINT.
+    stopping the milter, which is what libmilter alone would do: its own
+    signal thread sleeps for good in _milter.c's sigwait() and never takes
+    one.  A SIGHUP taken before (see handle_signals) is handled once
+    smfi_main has started.  From another thread, main() serves only after
+    handle_signals() ran in the main thread (else RuntimeError); it then
+    returns in that thread on SIGTERM/SIGINT, and on_hup still runs in the
+    main thread.
     """
     in_main_thread = _check_thread()
     if in_main_thread:
@@ -763,12 +801,24 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
             errors.append(exc)
 
     try:
-        if _Control.stop_requested:
+        if _Control.stop_requested:  # a SIGTERM during start-up
+            if _listening:
+                _milter.stop()  # closes the socket open_socket() made, and removes it
             return
-        _Control.running = True
+        parked_before = _milter.signal_threads_parked(0, 0.0)
         thread = threading.Thread(target=loop, name="smfi_main", daemon=True)
         thread.start()
-        _disarm_libmilter_signals(thread)
+        # smfi_stop while smfi_main sets up its signal thread (it reinitializes
+        # its stop lock there) is unsafe: a stop until then only sets
+        # stop_requested, acted on here.
+        _await_signal_thread(thread, parked_before)
+        _Control.running = True
+        if _Control.stop_requested:
+            stop()
+        if in_main_thread:
+            _hup()
+        elif _take_hups():  # the main thread's handler calls on_hup
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGHUP)
         while thread.is_alive():
             thread.join(0.5)
     finally:
@@ -777,7 +827,11 @@ def main(*, on_hup: Callable[[], None] | None = None) -> None:
             _restore_signals()
         # No callback may enter Python while the interpreter finalizes.
         _milter.shutdown(_DRAIN_SECONDS)
-    if errors:
+    if errors and _Control.stop_requested and isinstance(errors[0], MilterError):
+        # smfi_stop just before smfi_main's listener started makes it fail to
+        # reopen the socket the stop closed: that is the stop, not an error.
+        log.info("libmilter stopped while starting: %s", errors[0])
+    elif errors:
         raise errors[0]
 
 
@@ -790,12 +844,21 @@ def run(factory: Callable[[], Milter], socket: str, name: str, *, timeout: int =
     Call it from the main thread, or from another one after handle_signals()
     in the main thread (see main()); otherwise RuntimeError, before anything opens.
     """
-    _check_thread()
+    in_main_thread = _check_thread()
     register(factory, name)
-    settimeout(timeout)
-    if backlog is not None:
-        setbacklog(backlog)
-    if debug:
-        setdbg(debug)
-    open_socket(socket, remove_stale=remove_stale)
+    if in_main_thread:  # from here a signal stops or reloads, never kills
+        handle_signals(on_hup=on_hup if on_hup is not None else _Control.on_hup)
+    elif on_hup is not None:
+        _Control.on_hup = on_hup
+    try:
+        settimeout(timeout)
+        if backlog is not None:
+            setbacklog(backlog)
+        if debug:
+            setdbg(debug)
+        open_socket(socket, remove_stale=remove_stale)
+    except BaseException:
+        if in_main_thread:
+            _restore_signals()
+        raise
     main(on_hup=on_hup)

@@ -30,13 +30,10 @@
 #include <Python.h>
 
 #include <arpa/inet.h>
-#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
-#include <sys/syscall.h>
 #include <time.h>
-#include <ucontext.h>
 #include <unistd.h>
 #include <netinet/in.h>
 #include <string.h>
@@ -2493,89 +2490,126 @@ mod_version(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 }
 
 /*
- * libmilter's signal thread sigwait()s for SIGHUP/SIGTERM/SIGINT and stops the
- * milter on any of them.  The Python main thread takes those signals (SIGHUP is
- * a reload), but when it already has another signal pending the kernel hands a
- * new one to the sigwaiting thread instead.  disarm_signal_thread(tid) parks
- * that thread for good: a thread-directed probe signal runs a handler inside it
- * that blocks every signal and never returns, so it never sigwaits again.
- *
- * It parks only a thread the probe caught asleep in sigwait (the interrupted
- * system call returns -EINTR).  If the thread had just taken a signal, parking
- * it would lose that signal (a SIGTERM sent at start-up then never stops us),
- * so the handler returns and lets libmilter act on it.  Neither is it
- * cancelled: a cancellation can end it inside libmilter's stop code with a
- * lock held.  libmilter never joins it; process exit ends it.  Linux only.
+ * libmilter's signal thread: smfi_main starts a thread that sigwait()s for
+ * SIGHUP, SIGTERM and SIGINT and stops the milter on any of them, SIGHUP
+ * included.  libmilter_ext takes those signals in Python's main thread (SIGHUP
+ * is a reload), so that thread must never take one -- not even the first
+ * instant after it starts, when a signal already pending for the main thread
+ * would be handed to it.  The package loads this module with RTLD_DEEPBIND
+ * (see __init__.py), which binds libmilter's call to sigwait() to the
+ * definition below instead of libc's: the thread blocks every signal and
+ * sleeps for good without ever having dequeued one.  libmilter never joins
+ * it; process exit ends it.  Nothing else in this module's scope calls
+ * sigwait().  signal_threads_parked() tells Python it happened.
  */
-static atomic_long probe_tid;
-static atomic_int probe_outcome;  /* 0 pending, 1 parked, -1 busy with a signal */
+static pthread_mutex_t parked_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t parked_cond = PTHREAD_COND_INITIALIZER;
+static long signal_threads;  /* how many of libmilter's signal threads sleep here */
 
-static int
-probe_caught_in_sigwait(const void *context)
-{
-    const ucontext_t *uc = context;
-#if defined(__x86_64__)
-    return uc->uc_mcontext.gregs[REG_RAX] == -EINTR;
-#elif defined(__aarch64__)
-    return (long)uc->uc_mcontext.regs[0] == -EINTR;
-#else
-    (void)uc;
-    return 1;  /* cannot tell: park it, as the thread nearly always sleeps */
-#endif
-}
-
-static void
-probe_handler(int Py_UNUSED(sig), siginfo_t *Py_UNUSED(info), void *context)
+int
+sigwait(const sigset_t *Py_UNUSED(set), int *Py_UNUSED(sig))
 {
     sigset_t all;
 
-    if ((long)syscall(SYS_gettid) != atomic_load(&probe_tid))
-        return;
-    if (!probe_caught_in_sigwait(context)) {
-        atomic_store(&probe_outcome, -1);
-        return;
-    }
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, NULL);
-    atomic_store(&probe_outcome, 1);
+    pthread_mutex_lock(&parked_lock);
+    signal_threads++;
+    pthread_cond_broadcast(&parked_cond);
+    pthread_mutex_unlock(&parked_lock);
     for (;;)
         pause();
 }
 
 static PyObject *
-mod_disarm_signal_thread(PyObject *Py_UNUSED(m), PyObject *arg)
+mod_signal_threads_parked(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    long tid = PyLong_AsLong(arg);
-    struct sigaction probe;
-    struct timespec pause_for = {0, 1000000};
-    int sig = SIGRTMAX, rc = 0, outcome;
+    long more_than;
+    double timeout;
+    long count;
+    struct timespec until;
 
-    if (tid == -1 && PyErr_Occurred())
+    if (!PyArg_ParseTuple(args, "ld", &more_than, &timeout))
         return NULL;
-    memset(&probe, 0, sizeof probe);
-    probe.sa_sigaction = probe_handler;
-    probe.sa_flags = SA_SIGINFO;
-    sigfillset(&probe.sa_mask);
-    if (sigaction(sig, &probe, NULL) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    atomic_store(&probe_outcome, 0);
-    atomic_store(&probe_tid, tid);
-    Py_BEGIN_ALLOW_THREADS
-    if (syscall(SYS_tgkill, (long)getpid(), tid, sig) != 0)
-        rc = errno;
-    for (int ms = 0; rc == 0 && atomic_load(&probe_outcome) == 0 && ms < 2000; ms++)
-        nanosleep(&pause_for, NULL);
-    Py_END_ALLOW_THREADS
-    outcome = atomic_load(&probe_outcome);
-    /* The handler stays installed (a probe still pending must never meet
-       SIG_DFL, which would kill us); it does nothing outside the target. */
-    if (outcome != 1)
-        atomic_store(&probe_tid, 0);
-    if (rc != 0) {
-        errno = rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)timeout;
+    until.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
     }
-    return PyBool_FromLong(outcome == 1);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&parked_lock);
+    while (signal_threads <= more_than
+           && pthread_cond_timedwait(&parked_cond, &parked_lock, &until) == 0)
+        ;
+    count = signal_threads;
+    pthread_mutex_unlock(&parked_lock);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(count);
+}
+
+/*
+ * Python runs its signal handlers in the main thread only, when it next
+ * executes bytecode; a signal the kernel hands to another thread (it does
+ * when the main thread has one pending already) only sets a flag, and a main
+ * thread blocked in a wait that is not interrupted (thread.join() while main()
+ * serves from another thread) never sees it.  forward_signals(signums)
+ * wraps Python's C handler of each: in another thread the wrapper sends the
+ * signal on to the main thread (pthread_kill, async-signal-safe), in the main
+ * thread it calls Python's.  A later signal.signal() replaces the wrapper.
+ */
+#define FORWARD_MAX 65
+static pthread_t forward_to;
+static void (*python_handler[FORWARD_MAX])(int);
+
+static void
+forward_handler(int sig)
+{
+    if (!pthread_equal(pthread_self(), forward_to))
+        pthread_kill(forward_to, sig);
+    else if (python_handler[sig] != NULL)
+        python_handler[sig](sig);
+}
+
+static PyObject *
+mod_forward_signals(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "forward_signals() takes a sequence of signals");
+    Py_ssize_t i, n;
+
+    if (seq == NULL)
+        return NULL;
+    forward_to = pthread_self();
+    n = PySequence_Fast_GET_SIZE(seq);
+    for (i = 0; i < n; i++) {
+        long sig = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        struct sigaction act;
+
+        if (sig == -1 && PyErr_Occurred())
+            break;
+        if (sig <= 0 || sig >= FORWARD_MAX) {
+            PyErr_Format(PyExc_ValueError, "signal number out of range: %ld", sig);
+            break;
+        }
+        if (sigaction((int)sig, NULL, &act) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        if ((act.sa_flags & SA_SIGINFO) || act.sa_handler == SIG_DFL
+            || act.sa_handler == SIG_IGN || act.sa_handler == forward_handler)
+            continue;  /* not a plain handler (Python's), or wrapped already */
+        python_handler[sig] = act.sa_handler;
+        act.sa_handler = forward_handler;
+        if (sigaction((int)sig, &act, NULL) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+    }
+    Py_DECREF(seq);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
@@ -2605,8 +2639,12 @@ static PyMethodDef module_methods[] = {
      "How many times a Context action let go of the GIL to write to the MTA so far."},
     {"_eom_write_failures", mod_eom_write_failures, METH_NOARGS,
      "How many eoms could not send their queued header changes after returning."},
-    {"disarm_signal_thread", mod_disarm_signal_thread, METH_O,
-     "Cancel libmilter's signal thread, given its Linux thread id; True if done."},
+    {"forward_signals", mod_forward_signals, METH_O,
+     "forward_signals(signums), in the main thread: each of these signals that "
+     "another thread takes is sent on to this one, which runs Python's handler."},
+    {"signal_threads_parked", mod_signal_threads_parked, METH_VARARGS,
+     "signal_threads_parked(more_than, timeout): wait up to timeout s until more than "
+     "more_than of libmilter's signal threads sleep in our sigwait(); returns how many do."},
     {NULL, NULL, 0, NULL},
 };
 

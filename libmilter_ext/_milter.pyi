@@ -66,7 +66,10 @@ def _gil_releases() -> int:
     """How many times a Context action let go of the GIL to write to the MTA."""
 def _eom_write_failures() -> int:
     """How many eoms could not send their queued header changes once they returned."""
-def disarm_signal_thread(tid: int, /) -> bool: ...
+def forward_signals(signums: tuple[int, ...], /) -> None:
+    """In the main thread: these signals, taken by another thread, are sent on to it."""
+def signal_threads_parked(more_than: int, timeout: float, /) -> int:
+    """Wait up to timeout s for more than more_than signal threads in our sigwait()."""
 
 SMFIS_CONTINUE: int
 SMFIS_REJECT: int

@@ -178,6 +178,11 @@ def _recipients(cfg: configmod.Config, verdict: transaction.Verdict,
 
 
 def cmd_run(path: str, args: argparse.Namespace) -> int:
+    import libmilter_ext
+
+    # First of all: a SIGHUP/SIGTERM/SIGINT during start-up waits for the
+    # daemon's handlers (Daemon.run) instead of killing it.
+    libmilter_ext.hold_signals()
     from .daemon import Daemon, StartupError
 
     cfg = configmod.load(path)

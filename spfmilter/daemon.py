@@ -302,7 +302,9 @@ class Daemon:
         """Open the socket, drop privileges, write the pidfile and serve."""
         cfg = self.config
         self._stderr = stderr
-        lm.handle_signals(on_hup=self.on_hup)  # a SIGTERM from here on stops cleanly
+        # Signals held since start-up are taken now: a SIGTERM stops cleanly once the
+        # socket is open, a SIGHUP reloads once the milter serves (lm.main).
+        lm.handle_signals(on_hup=self.on_hup)
         setup_logging(cfg, force_stderr=stderr)
         for warning in configmod.warnings(cfg):
             log.warning("%s", warning)

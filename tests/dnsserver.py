@@ -47,6 +47,9 @@ NO_SOA_NAMES = ("nosoa.dns.test",)
 PROBE_ZONE = "spf.test"
 START_TIMEOUT = 10.0
 UPSTREAM_TIMEOUT = 5.0
+#: Linux: kernel receive timestamps (struct timespec, CLOCK_REALTIME) of datagrams;
+#: Python's socket module does not name it.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 def _free_port(host: str) -> int:
@@ -109,6 +112,15 @@ def _qkey(wire: bytes) -> tuple[str, str]:
     return (name, dns.rdatatype.to_text(question.rdtype))
 
 
+def _received_ns(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The kernel's receive time of a datagram (SO_TIMESTAMPNS), else now."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return seconds * 1_000_000_000 + nanoseconds
+    return time.time_ns()
+
+
 def _under(name: str, parents: Sequence[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in parents)
 
@@ -135,13 +147,20 @@ class _Front:
     def __init__(self, upstream: tuple[str, int], drop: Sequence[str],
                  unanswered: Callable[[str, str], bool] | None = None,
                  no_soa: Sequence[str] = (),
-                 listen: tuple[str, str] = ("127.0.0.1", "::1")) -> None:
+                 listen: tuple[str, str] = ("127.0.0.1", "::1"),
+                 late: float | None = None) -> None:
         self.upstream = upstream
         self.listen = listen
         self.drop = tuple(d.lower().rstrip(".") for d in drop)
         self.unanswered = unanswered
         self.no_soa = tuple(d.lower().rstrip(".") for d in no_soa)
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.retransmissions: collections.Counter[tuple[str, str]] = collections.Counter()
+        # when the first answer in time to each question went out (time.time_ns());
+        # an answer later than *late* seconds after its query comes too late for
+        # the asker, which has given up on it (None: never too late)
+        self._first_answer: dict[tuple[str, str], int] = {}
+        self._late_ns = None if late is None else int(late * 1e9)
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -164,6 +183,8 @@ class _Front:
                         socks.append(sock)
                         if family == socket.AF_INET6:
                             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        if kind == socket.SOCK_DGRAM:
+                            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                         sock.bind((host, port))
                         port = sock.getsockname()[1]
                         if kind == socket.SOCK_STREAM:
@@ -198,19 +219,40 @@ class _Front:
     def reset(self) -> None:
         with self._lock:
             self.queries.clear()
+            self.retransmissions.clear()
+            self._first_answer.clear()
 
     def snapshot(self) -> collections.Counter[tuple[str, str]]:
         with self._lock:
             return collections.Counter(self.queries)
 
-    def _admit(self, wire: bytes) -> bool:
-        """Count a query; False when it must go unanswered."""
+    def retransmitted(self) -> collections.Counter[tuple[str, str]]:
+        with self._lock:
+            return collections.Counter(self.retransmissions)
+
+    def _admit(self, wire: bytes, received_ns: int) -> bool:
+        """Count a query; False when it must go unanswered.
+
+        A question asked again before an answer to it went out in time (by
+        the kernel's receive time) is also counted as a retransmission: the
+        asker cannot have had the answer, so it is no second cache miss.
+        """
         key = _qkey(wire)
         with self._lock:
+            if self.queries[key] and received_ns < self._first_answer.get(key, received_ns + 1):
+                self.retransmissions[key] += 1
             self.queries[key] += 1
         if self.unanswered is not None and self.unanswered(*key):
             return False
         return not _under(key[0], self.drop)
+
+    def _answering(self, wire: bytes, received_ns: int) -> None:
+        """Just before an answer goes out: if in time, a query received later is no retry."""
+        sent = time.time_ns()
+        if self._late_ns is not None and sent - received_ns > self._late_ns:
+            return
+        with self._lock:
+            self._first_answer.setdefault(_qkey(wire), sent)
 
     def _rewrite(self, wire: bytes, answer: bytes) -> bytes:
         """The answer as the client gets it: without authority under no_soa names."""
@@ -248,9 +290,11 @@ class _Front:
                     assert isinstance(sock, socket.socket)
                     try:
                         if sock.type == socket.SOCK_DGRAM:
-                            wire, client = sock.recvfrom(65535)
-                            if self._admit(wire):
-                                self._spawn(self._relay_udp, sock, wire, client)
+                            wire, ancillary, _, client = sock.recvmsg(
+                                65535, socket.CMSG_SPACE(16))
+                            received = _received_ns(ancillary)
+                            if self._admit(wire, received):
+                                self._spawn(self._relay_udp, sock, wire, client, received)
                         else:
                             conn, _ = sock.accept()
                             with self._lock:
@@ -259,11 +303,13 @@ class _Front:
                     except OSError as exc:
                         self.errors.append(exc)
 
-    def _relay_udp(self, listener: socket.socket, wire: bytes, client: tuple) -> None:
+    def _relay_udp(self, listener: socket.socket, wire: bytes, client: tuple,
+                   received_ns: int) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
             up.settimeout(UPSTREAM_TIMEOUT)
             up.sendto(wire, self.upstream)
             answer = up.recv(65535)
+        self._answering(wire, received_ns)
         listener.sendto(self._rewrite(wire, answer), client)
 
     def _serve_tcp(self, conn: socket.socket) -> None:
@@ -275,12 +321,14 @@ class _Front:
                     except ConnectionError:
                         return
                     wire = _recv_exact(conn, size)
-                    if not self._admit(wire):
+                    received = time.time_ns()
+                    if not self._admit(wire, received):
                         continue
                     with socket.create_connection(self.upstream, UPSTREAM_TIMEOUT) as up:
                         up.sendall(struct.pack("!H", len(wire)) + wire)
                         (size,) = struct.unpack("!H", _recv_exact(up, 2))
                         answer = self._rewrite(wire, _recv_exact(up, size))
+                    self._answering(wire, received)
                     conn.sendall(struct.pack("!H", len(answer)) + answer)
         finally:
             with self._lock:
@@ -293,7 +341,11 @@ class DnsServer:
     ``host``/``port`` (and ``host6``) address the relay, which answers on
     127.0.0.1 and ::1 alike (or on other addresses of this host, e.g. in a
     network namespace, given as *host* and *host6*).  ``queries`` counts
-    queries seen by (name, type), names lower-case without the final dot.
+    queries seen by (name, type), names lower-case without the final dot;
+    ``retransmissions`` those of them that repeated a question before an
+    answer to it went out in time (a resolver's retry, not a second cache
+    miss); an answer sent more than *late* seconds after its query is too
+    late for the resolver (give its timeout), by default none is.
     Queries under ``drop`` names, or for which ``unanswered(name, type)`` is
     true, get no answer; answers under ``no_soa`` names lose their authority
     section.
@@ -313,6 +365,7 @@ class DnsServer:
         probe_zone: str = PROBE_ZONE,
         host: str | None = None,
         host6: str | None = None,
+        late: float | None = None,
     ) -> None:
         self.host = host or self.host
         self.host6 = host6 or self.host6
@@ -322,6 +375,7 @@ class DnsServer:
         self.drop = tuple(drop)
         self.unanswered = unanswered
         self.no_soa = tuple(no_soa)
+        self.late = late
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._front: _Front | None = None
@@ -349,6 +403,11 @@ class DnsServer:
         return self._running_front().snapshot()
 
     @property
+    def retransmissions(self) -> collections.Counter[tuple[str, str]]:
+        """Of ``queries``, the retries: asked again before the first answer went out."""
+        return self._running_front().retransmitted()
+
+    @property
     def total_queries(self) -> int:
         return sum(self.queries.values())
 
@@ -370,7 +429,8 @@ class DnsServer:
         try:
             self._start_nsd()
             self._front = _Front((self.host, self.backend_port), self.drop,
-                                 self.unanswered, self.no_soa, (self.host, self.host6))
+                                 self.unanswered, self.no_soa, (self.host, self.host6),
+                                 self.late)
             self._front.start()
             for host in (self.host, self.host6):
                 self._wait_ready(host, self.port, udp=False)

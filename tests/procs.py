@@ -61,10 +61,15 @@ class Daemon:
         self.env = full_env
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Daemon:
+    def spawn(self) -> Daemon:
+        """Start the process and return at once (start() also waits for the socket)."""
         with open(self.out, "ab") as out, open(self.err, "ab") as err:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err, env=self.env,
                                          cwd=self.workdir)
+        return self
+
+    def start(self) -> Daemon:
+        self.spawn()
         try:
             wait_for_socket(self.spec, self.proc)
         except RuntimeError as exc:
@@ -116,7 +121,7 @@ def edges_milter(workdir: Path, mode: str) -> Daemon:
 
 
 def sigwaiting_threads(pid: int) -> list[int]:
-    """Threads of pid blocked in sigwait (libmilter's signal thread, until parked)."""
+    """Threads of pid blocked in sigwait (libmilter's would be, were its sigwait libc's)."""
     found = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -128,10 +133,25 @@ def sigwaiting_threads(pid: int) -> list[int]:
     return found
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+def takes_signal(pid: int, sig: int) -> bool:
+    """True once pid's main thread catches or blocks sig: its start-up has claimed it.
+
+    False also when the process is gone.
+    """
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    mask = int(fields["SigCgt"], 16) | int(fields["SigBlk"], 16)
+    return bool(mask & 1 << (sig - 1))
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0,
+               what: str = "condition") -> None:
     """Poll predicate until it is true; AssertionError after timeout seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
+            raise AssertionError(f"{what} not reached")
         time.sleep(0.02)

@@ -2,7 +2,9 @@
 
 Every message is accepted through every MTA with its own spfmilter, the
 table has its shape, and the queries reaching the authoritative server stay
-flat as MX hosts are added (the resolver's cache is shared).  Full run:
+flat as MX hosts are added (the resolver's cache is shared: the same
+questions reach it, each once, not counting the resolver's retransmissions
+when an answer is late under load).  Full run:
 ``.venv/bin/python bench/bench_fleet.py``.
 """
 
@@ -44,8 +46,12 @@ def test_fleet_small(tmp_path):
         assert row["milter_cpu_ms_per_msg"] >= 0, row
         # 13 names in all (bench/fleet-zones): some milter asks for each of them
         assert row["resolver_queries"] >= 13 and row["auth_queries"] > 0, row
-    auth = [r["auth_queries"] for r in rows]
-    assert max(auth) - min(auth) <= 2, auth  # flat: one shared cache
+        assert row["auth_queries"] >= row["auth_misses"] >= 13, row
+        # each question reached NSD once (a resolver's retransmission, sent before
+        # the slow answer came, is no second miss): one shared cache
+        assert row["auth_misses"] == len(row["auth_questions"]), row
+    # flat: the same questions, each asked once, whatever the number of MX hosts
+    assert all(r["auth_questions"] == rows[0]["auth_questions"] for r in rows), rows
     lines = out.stdout.splitlines()
     assert lines[0].split()[:4] == ["MX", "MTAs", "msgs", "msg/s"], out.stdout
     assert [line.split()[0] for line in lines[1:4]] == ["1", "2", "3"], out.stdout

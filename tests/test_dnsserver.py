@@ -56,6 +56,31 @@ def test_dropped_names_get_no_answer(dns_server: DnsServer, tcp: bool) -> None:
     assert dns_server.count("sub.timeout.spf.test", "TXT") == 1
 
 
+def test_a_question_repeated_before_its_answer_is_a_retransmission(
+        dns_server: DnsServer) -> None:
+    dns_server.reset_counts()
+    for _ in range(2):  # never answered: the second is a retry
+        with pytest.raises(dns.exception.Timeout):
+            ask(dns_server, "sub.timeout.spf.test", timeout=0.2)
+    for _ in range(2):  # answered, then asked again: a second miss, no retry
+        ask(dns_server, "pass.spf.test")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # both sent at once
+        sock.settimeout(2)
+        for _ in range(2):
+            sock.sendto(dns.message.make_query("fail.spf.test", "TXT").to_wire(),
+                        ("127.0.0.1", dns_server.port))
+        sock.recv(65535)
+    assert dns_server.queries[("sub.timeout.spf.test", "TXT")] == 2
+    assert dns_server.queries[("pass.spf.test", "TXT")] == 2
+    assert dns_server.queries[("fail.spf.test", "TXT")] == 2
+    retried = dns_server.retransmissions
+    assert retried[("sub.timeout.spf.test", "TXT")] == 1
+    assert retried[("pass.spf.test", "TXT")] == 0
+    assert retried[("fail.spf.test", "TXT")] == 1
+    dns_server.reset_counts()
+    assert dns_server.retransmissions == {}
+
+
 def test_long_answer_needs_tcp(dns_server: DnsServer) -> None:
     assert ask(dns_server, "long.spf.test").flags & dns.flags.TC
     assert len(b"".join(ask(dns_server, "long.spf.test", tcp=True).answer[0][0].strings)) > 1500

@@ -1,8 +1,10 @@
 """The kitchen milter started in the ways tests/test_signals.py needs.
 
 Usage: signals.py SOCKET_SPEC MODE, MODE one of
+  hup             on_hup prints "hup"
   hup-raises      on_hup prints "hup" and raises
   thread          handle_signals() in the main thread, run() in another one
+  thread-untimed  the same, the main thread in join() without a timeout
   thread-refused  run() in another thread without handle_signals()
   usr1            on_hup prints "hup"; SIGUSR1 has a handler too
 """
@@ -24,7 +26,7 @@ def raising_hup() -> None:
     raise RuntimeError("reload exploded")
 
 
-def serve_in_thread(spec: str) -> int:
+def serve_in_thread(spec: str, wait: float | None = 0.5) -> int:
     errors: list[BaseException] = []
 
     def serve() -> None:
@@ -36,7 +38,8 @@ def serve_in_thread(spec: str) -> int:
 
     worker = threading.Thread(target=serve, name="milter")
     worker.start()
-    worker.join()
+    while worker.is_alive():  # with a timeout: Python runs signal handlers between waits
+        worker.join(wait)
     if errors:
         print(f"refused: {type(errors[0]).__name__}: {errors[0]}", flush=True)
         return 3
@@ -45,11 +48,18 @@ def serve_in_thread(spec: str) -> int:
 
 def main(spec: str, mode: str) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
-    if mode == "hup-raises":
+    if mode == "hup":
+        lm.run(Kitchen, spec, "kitchen", timeout=30, on_hup=on_hup)
+    elif mode == "hup-raises":
         lm.run(Kitchen, spec, "kitchen", timeout=30, on_hup=raising_hup)
     elif mode == "thread":
         lm.handle_signals()
         code = serve_in_thread(spec)
+        if code:
+            return code
+    elif mode == "thread-untimed":
+        lm.handle_signals()
+        code = serve_in_thread(spec, wait=None)
         if code:
             return code
     elif mode == "thread-refused":
