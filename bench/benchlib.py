@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,18 +100,9 @@ def proc_rss_kib(pid: int) -> int:
 
 def build_c_noop(directory: Path) -> Path:
     """Compile bench/noop_milter.c with -O2 into directory (reused while it is unchanged)."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("gcc not found: install gcc and libmilter-dev (scripts/setup does)")
-    digest = hashlib.sha256(NOOP_C.read_bytes()).hexdigest()[:12]
-    target = directory / f"noop_milter-{digest}"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    cmd = [gcc, "-O2", "-Wall", "-pthread", "-o", str(partial), str(NOOP_C), "-lmilter"]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise BenchError(f"building {NOOP_C} failed: {' '.join(cmd)}\n{result.stderr}")
-    os.replace(partial, target)
-    return target
+    from tests.cmilter import CMilterError, build_noop_milter  # NOOP_C is its SOURCE
+
+    try:
+        return build_noop_milter(directory)
+    except CMilterError as exc:
+        raise BenchError(str(exc)) from None

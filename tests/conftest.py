@@ -1,9 +1,20 @@
-"""Shared fixtures: the loopback DNS server (NSD) serving tests/data/zones."""
+"""Shared fixtures: the loopback DNS server (NSD) serving tests/data/zones, a short
+directory for a test module's unix sockets."""
+
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from tests import rfc7208
 from tests.dnsserver import dns_counts, dns_server  # noqa: F401  (session-scoped fixtures)
+
+
+@pytest.fixture(scope="module")
+def shortdir():
+    """A new directory under /tmp per test module: unix socket paths stay short."""
+    with tempfile.TemporaryDirectory(prefix="lm", dir="/tmp") as d:
+        yield Path(d)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,

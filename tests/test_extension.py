@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -17,12 +16,6 @@ from libmilter_ext.testing import MilterClient, MilterError, session
 from tests.procs import PYTHON, ROOT, Daemon, free_port, sigwaiting_threads, wait_until
 
 MILTERS = Path(__file__).parent / "milters"
-
-
-@pytest.fixture(scope="module")
-def shortdir():
-    with tempfile.TemporaryDirectory(prefix="lmx", dir="/tmp") as d:
-        yield Path(d)
 
 
 def _kitchen(workdir: Path, spec: str) -> Daemon:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,12 +25,6 @@ DEFERRED_NR = (P.SMFIP_NR_CONN | P.SMFIP_NR_HELO | P.SMFIP_NR_HDR | P.SMFIP_NR_D
                | P.SMFIP_NR_UNKN)
 NO_NR = P.SMFI_CURR_PROT & ~(DEFERRED_NR | P.SMFIP_NR_MAIL | P.SMFIP_NR_RCPT | P.SMFIP_NR_EOH
                              | P.SMFIP_NR_BODY)
-
-
-@pytest.fixture(scope="module")
-def shortdir():
-    with tempfile.TemporaryDirectory(prefix="lmd", dir="/tmp") as d:
-        yield Path(d)
 
 
 _edges = edges_milter

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,12 +23,6 @@ from tests.procs import PYTHON, ROOT, Daemon, edges_milter
 
 MILTERS = Path(__file__).parent / "milters"
 RCPTS = ("<r1@example.org>", "<r2@example.org>", "<r3@example.org>")
-
-
-@pytest.fixture(scope="module")
-def shortdir():
-    with tempfile.TemporaryDirectory(prefix="lme", dir="/tmp") as d:
-        yield Path(d)
 
 
 _edges = edges_milter
