@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import libmilter_ext as lm
 from libmilter_ext import protocol as P
 from libmilter_ext.testing import MilterClient
-from tests.procs import Daemon, edges_milter
+from tests.procs import Daemon, edges_milter, wait_until
 
 MILTERS = Path(__file__).parent / "milters"
 DEFERRED_NR = (P.SMFIP_NR_CONN | P.SMFIP_NR_HELO | P.SMFIP_NR_HDR | P.SMFIP_NR_DATA
@@ -51,21 +51,13 @@ def _new_serial(daemon: Daemon, before: set[str]) -> str:
     return serial
 
 
-def _wait_for(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-
-
 def _wait_closed(daemon: Daemon, serial: str) -> None:
     """A deferred close() runs at the next GIL hold: open connections until it did."""
     def closed() -> bool:
         with MilterClient(daemon.spec):  # negotiation takes the GIL
             pass
         return f"close {serial} " in daemon.stdout()
-    _wait_for(closed)
+    wait_until(closed)
 
 
 def _session(c: MilterClient, host="ok.example", helo="ok.example"):
@@ -108,7 +100,7 @@ def test_deferred_calls_run_at_close_when_no_python_stage_follows(deferred):
     with MilterClient(deferred.spec, protocol=NO_NR) as c:
         assert _session(c) == ("continue", "continue")
         assert c.unknown("NOOP").action == "continue"
-    _wait_for(lambda: len(_serials(deferred) - before) == 1)
+    wait_until(lambda: len(_serials(deferred) - before) == 1)
     serial = _new_serial(deferred, before)
     _wait_closed(deferred, serial)
     assert _calls(deferred, serial) == [
@@ -295,7 +287,7 @@ def _gil_per_session(daemon: Daemon, sessions: int, wait_close: bool) -> list[in
             resp = c.message([("Subject", "hi")], b"x\r\n")
             seen.append(int(dict(resp.added_headers())["X-Gil"]))
         if wait_close:
-            _wait_for(lambda n=n: daemon.stdout().count("close") == n + 1)
+            wait_until(lambda n=n: daemon.stdout().count("close") == n + 1)
     return [b - a for a, b in zip(seen, seen[1:])]
 
 

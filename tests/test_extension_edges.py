@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from libmilter_ext import protocol as P
 from libmilter_ext.testing import MilterClient, MilterError
-from tests.procs import PYTHON, ROOT, Daemon, edges_milter
+from tests.procs import PYTHON, ROOT, Daemon, edges_milter, wait_until
 
 MILTERS = Path(__file__).parent / "milters"
 RCPTS = ("<r1@example.org>", "<r2@example.org>", "<r3@example.org>")
@@ -331,14 +330,6 @@ def _slow_session(spec: str, answered: list[str]) -> None:
         answered.append(f"closed: {exc}")
 
 
-def _wait_for(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("variant", ["plain", "deferred"])
 def test_sigterm_with_slow_connections_in_flight_stops_cleanly(shortdir, variant):
     """12 connections inside a slow callback, then SIGTERM: a clean exit, every time.
@@ -356,7 +347,7 @@ def test_sigterm_with_slow_connections_in_flight_stops_cleanly(shortdir, variant
             t.start()
         try:
             pid = d.proc.pid
-            _wait_for(lambda: _sockets(pid) >= 13)  # noqa: B023  (the listener and 12 clients)
+            wait_until(lambda: _sockets(pid) >= 13)  # noqa: B023  (the listener and 12 clients)
         finally:
             code = d.stop(signal.SIGTERM)
         for t in threads:
@@ -467,7 +458,7 @@ def test_quit_nc_session_whose_negotiation_was_forgotten_gets_the_failsafe(short
                 assert c.connect("ok.example", "192.0.2.1", 25).continues
                 assert _message(c).action == "continue"
                 c.quit_nc()
-                _wait_for(lambda n=n: d.stdout().count("close ") >= n)
+                wait_until(lambda n=n: d.stdout().count("close ") >= n)
             assert second.connect("ok.example", "192.0.2.1", 25).continues
             assert _message(second).action == "continue"
             assert first.connect("ok.example", "192.0.2.1", 25).action == "tempfail"
